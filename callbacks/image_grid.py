@@ -1,0 +1,54 @@
+"""Save the synthetic images as a PNG grid (a row per class) every N steps and at the end."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import save_image
+
+
+class ImageGrid(L.Callback):
+    """PNG grids of the synthetic images under ``<dirpath>/step_XXXXXX.png`` and ``final.png``.
+
+    Args:
+        every_n_steps: Save a grid every N optimisation steps (0: only the first and final grids).
+        dirpath: Folder of the PNGs (default: ``<default_root_dir>/images``).
+    """
+
+    def __init__(self, every_n_steps: int = 100, dirpath: str | None = None) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.dirpath = dirpath
+
+    def folder(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "images")
+
+    @rank_zero_only
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
+        folder = self.folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / name
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".png")
+        os.close(fd)
+        try:
+            save_image(pl_module.image_grid(), tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.save(trainer, pl_module, f"step_{trainer.global_step:06d}.png")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer, pl_module, f"step_{trainer.global_step:06d}.png")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer, pl_module, "final.png")

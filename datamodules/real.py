@@ -1,0 +1,543 @@
+"""Real labelled image datasets as ``LightningDataModule``s.
+
+Every dataset is read through torchvision's own class. Small datasets (the MNIST family,
+CIFAR, SVHN) are cached once as a ``uint8`` tensor, so class-balanced batches are plain
+indexing; image folders stream through a ``DataLoader`` with workers.
+
+Distillation consumes *class-balanced* real batches: every training batch holds ``n``
+images of every class, shaped ``(classes, n, C, H, W)``. Under DDP each rank draws its
+own batches (the stream is seeded by ``seed`` and the rank).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torchvision import datasets, transforms
+
+DEFAULT_DATA_DIR = "data"
+_CACHE_LIMIT_BYTES = 2 << 30
+
+
+def default_data_dir() -> str:
+    """Where datasets live when ``data_dir`` is not given: ``$LD3M_DATA_DIR`` or ``./data``."""
+    return os.environ.get("LD3M_DATA_DIR", DEFAULT_DATA_DIR)
+
+
+class RealDataModule(L.LightningDataModule):
+    """Base class: a real labelled image dataset served for distillation and evaluation.
+
+    Subclasses set the class attributes and implement :meth:`_dataset`.
+
+    Args:
+        data_dir: Folder holding the dataset in torchvision's layout (default ``$LD3M_DATA_DIR``
+            or ``./data``).
+        batch_per_class: Real images per class in every class-balanced training batch.
+        batch_size: Batch size of the plain (shuffled, not class-balanced) train loader.
+        test_batch_size: Batch size of the test loader.
+        num_workers: DataLoader workers (0 is fastest for cached datasets).
+        download: Let torchvision download the dataset when it is missing.
+        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    """
+
+    dataset_name: str = ""
+    num_classes: int = 0
+    image_shape: tuple[int, int, int] = (0, 0, 0)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        batch_per_class: int = 256,
+        batch_size: int = 256,
+        test_batch_size: int = 1000,
+        num_workers: int = 0,
+        download: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_per_class", batch_per_class), ("batch_size", batch_size),
+                            ("test_batch_size", test_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
+        self.batch_per_class = batch_per_class
+        self.batch_size = batch_size
+        self.test_batch_size = test_batch_size
+        self.num_workers = num_workers
+        self.download = download
+        self.seed = seed
+        self._train: _Split | None = None
+        self._test: _Split | None = None
+
+    # ----------------------------------------------------------------------------- subclass API
+    def _dataset(self, train: bool, transform) -> Dataset:
+        """Build the torchvision dataset for the split."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Fast path: the whole split as (uint8 NCHW images, int64 labels), or None to stream."""
+        return None
+
+    def _locate(self) -> None:
+        """Make the files available under ``data_dir`` (e.g. from a system folder)."""
+
+    def _missing_message(self) -> str:
+        return (f"{self.dataset_name} not found under {self.data_dir}; "
+                "pass --data.data_dir DIR or --data.download true")
+
+    # ----------------------------------------------------------------------------- normalisation
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in range(self.num_classes)]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or [0, 1] float) images -> normalised float32."""
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> [0, 1] range (not clamped)."""
+        mean = torch.tensor(self.mean, device=images.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
+        return images * std + mean
+
+    def _transform(self):
+        return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    # ----------------------------------------------------------------------------- loading
+    def prepare_data(self) -> None:
+        self._open(train=True)
+        self._open(train=False)
+
+    def _open(self, train: bool) -> Dataset:
+        self._locate()
+        try:
+            return self._dataset(train, self._transform())
+        except RuntimeError as err:
+            if "not found" in str(err).lower() or "download" in str(err).lower():
+                raise FileNotFoundError(self._missing_message()) from None
+            raise
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is None:
+            self._train = _Split.load(self, train=True)
+
+    def _test_split(self) -> _Split:
+        if self._test is None:
+            self._test = _Split.load(self, train=False)
+        return self._test
+
+    @property
+    def train_split(self) -> _Split:
+        self.setup()
+        assert self._train is not None
+        return self._train
+
+    def class_sizes(self) -> list[int]:
+        return [len(i) for i in self.train_split.class_index]
+
+    # ----------------------------------------------------------------------------- sampling
+    def sample_per_class(self, n: int, generator: torch.Generator | None = None,
+                         classes: list[int] | None = None) -> torch.Tensor:
+        """``n`` distinct random training images of every class: ``(classes, n, C, H, W)``.
+
+        Raises:
+            ValueError: if a class has fewer than ``n`` images.
+        """
+        split = self.train_split
+        classes = list(range(self.num_classes)) if classes is None else classes
+        index = []
+        for c in classes:
+            members = split.class_index[c]
+            if n > len(members):
+                raise ValueError(
+                    f"{n} images per class requested, but class {c} ({self.class_names[c]!r}) of "
+                    f"{self.dataset_name} has only {len(members)} training images")
+            index.append(members[torch.randperm(len(members), generator=generator)[:n]])
+        images = split.images(torch.cat(index), self)
+        return images.view(len(classes), n, *images.shape[1:])
+
+    # ----------------------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        """Endless class-balanced batches ``(images (K, n, C, H, W), labels (K, n))``."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        stream = ClassBalancedStream(self, self.batch_per_class, seed=self.seed + 1000003 * rank)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def shuffled_train_dataloader(self, batch_size: int | None = None, shuffle: bool = True) -> DataLoader:
+        """Plain shuffled minibatches of the whole (normalised) training set."""
+        split = self.train_split
+        dataset = split.dataset(self)
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        split = self._test_split()
+        return DataLoader(split.dataset(self), batch_size=self.test_batch_size, shuffle=False,
+                          num_workers=self.num_workers)
+
+
+class _Split:
+    """One split: either cached uint8 tensors or a torchvision dataset plus per-class indices."""
+
+    def __init__(self, labels: torch.Tensor, cached: torch.Tensor | None, source: Dataset | None):
+        self.labels = labels
+        self.cached = cached
+        self.source = source
+        order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels, minlength=int(labels.max()) + 1 if len(labels) else 0)
+        self.class_index = list(torch.split(order, counts.tolist()))
+
+    @classmethod
+    def load(cls, dm: RealDataModule, train: bool) -> _Split:
+        dataset = dm._open(train)
+        tensors = dm._tensors(dataset)
+        if tensors is not None:
+            images, labels = tensors
+            return cls(labels.long(), images.contiguous(), None)
+        labels = _dataset_labels(dataset)
+        c, h, w = dm.image_shape
+        if len(labels) * c * h * w <= _CACHE_LIMIT_BYTES:
+            loader = DataLoader(dataset, batch_size=512, num_workers=dm.num_workers)
+            images = torch.cat([(dm.denormalize(x) * 255).round().clamp(0, 255).to(torch.uint8)
+                                for x, _ in loader])
+            return cls(labels, images, None)
+        return cls(labels, None, dataset)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def images(self, index: torch.Tensor, dm: RealDataModule) -> torch.Tensor:
+        if self.cached is not None:
+            return dm.normalize(self.cached[index])
+        assert self.source is not None
+        return torch.stack([self.source[int(i)][0] for i in index])
+
+    def dataset(self, dm: RealDataModule) -> Dataset:
+        if self.cached is not None:
+            return TensorDataset(dm.normalize(self.cached), self.labels)
+        assert self.source is not None
+        return self.source
+
+
+def _dataset_labels(dataset: Dataset) -> torch.Tensor:
+    for attr in ("targets", "labels"):
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr)).long()
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+class ClassBalancedStream(IterableDataset):
+    """Endless batches of ``n`` images of every class, without replacement within an epoch of a class.
+
+    Args:
+        dm: The data module whose training split is sampled.
+        n: Images per class per batch.
+        seed: Seed of this stream (make it differ per rank).
+    """
+
+    def __init__(self, dm: RealDataModule, n: int, seed: int = 0) -> None:
+        self.dm = dm
+        self.n = n
+        self.seed = seed
+        sizes = dm.class_sizes()
+        if min(sizes) < 1:
+            raise ValueError(f"{dm.dataset_name} has an empty class")
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        generator = torch.Generator().manual_seed(self.seed * 9973 + worker)
+        split = self.dm.train_split
+        perms = [torch.empty(0, dtype=torch.long) for _ in split.class_index]
+        cursors = [0] * len(split.class_index)
+        k = len(split.class_index)
+        labels = torch.arange(k).repeat_interleave(self.n).view(k, self.n)
+        while True:
+            picks = []
+            for c, members in enumerate(split.class_index):
+                take = []
+                need = self.n
+                while need > 0:
+                    if cursors[c] >= len(perms[c]):
+                        perms[c] = members[torch.randperm(len(members), generator=generator)]
+                        cursors[c] = 0
+                    chunk = perms[c][cursors[c]:cursors[c] + need]
+                    cursors[c] += len(chunk)
+                    need -= len(chunk)
+                    take.append(chunk)
+                picks.append(torch.cat(take))
+            images = split.images(torch.cat(picks), self.dm)
+            yield images.view(k, self.n, *images.shape[1:]), labels
+
+
+# ================================================================================ datasets
+class _MNISTLike(RealDataModule):
+    torchvision_class: type = datasets.MNIST
+    image_shape = (1, 28, 28)
+    num_classes = 10
+    system_dirs: tuple[str, ...] = ()
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.torchvision_class.classes)
+
+    def _dataset(self, train: bool, transform) -> Dataset:
+        return self.torchvision_class(str(self.data_dir), train=train, transform=transform,
+                                      download=self.download)
+
+    @staticmethod
+    def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return dataset.data.unsqueeze(1), dataset.targets
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / self.torchvision_class.__name__ / "raw"
+
+    def _locate(self) -> None:
+        """Stage the IDX files from a system folder (e.g. Debian's) into ``data_dir`` if missing."""
+        names = [os.path.splitext(f)[0] for f, _ in self.torchvision_class.resources]
+        if all((self.raw_dir / n).exists() for n in names):
+            return
+        for folder in self.system_dirs:
+            found = {n: Path(folder) / (n + ".gz") for n in names}
+            found = {n: p if p.exists() else Path(folder) / n for n, p in found.items()}
+            if all(p.exists() for p in found.values()):
+                self.raw_dir.mkdir(parents=True, exist_ok=True)
+                for name, path in found.items():
+                    target = self.raw_dir / name
+                    if not target.exists():
+                        _extract_atomic(path, target)
+                return
+
+    def _missing_message(self) -> str:
+        places = " or ".join([str(self.raw_dir), *self.system_dirs])
+        return (f"{self.dataset_name} not found in {places}; pass --data.data_dir DIR or "
+                f"--data.download true")
+
+
+def _extract_atomic(source: Path, target: Path) -> None:
+    opener = gzip.open if source.suffix == ".gz" else open
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with opener(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FashionMNIST(_MNISTLike):
+    """Fashion-MNIST (the default): 60,000 + 10,000 grey 28x28 images of 10 clothing classes.
+
+    Found in ``data_dir`` or, if missing there, in Debian's ``/usr/share/datasets/fashion-mnist``
+    (``apt-get install dataset-fashion-mnist``), from which it is staged into ``data_dir``.
+
+    Args:
+        data_dir: Folder holding ``FashionMNIST/raw`` (default ``$LD3M_DATA_DIR`` or ``./data``).
+        batch_per_class: Real images per class in every class-balanced training batch.
+        batch_size: Batch size of the plain train loader.
+        test_batch_size: Batch size of the test loader.
+        num_workers: DataLoader workers.
+        download: Let torchvision download the dataset when it is missing.
+        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    """
+
+    dataset_name = "FashionMNIST"
+    torchvision_class = datasets.FashionMNIST
+    mean = (0.2861,)
+    std = (0.3530,)
+    system_dirs = ("/usr/share/datasets/fashion-mnist",)
+
+    def _missing_message(self) -> str:
+        return super()._missing_message() + " (Debian: apt-get install dataset-fashion-mnist)"
+
+
+class MNIST(_MNISTLike):
+    """MNIST digits: 60,000 + 10,000 grey 28x28 images.
+
+    Args:
+        data_dir: Folder holding ``MNIST/raw`` (default ``$LD3M_DATA_DIR`` or ``./data``).
+        batch_per_class: Real images per class in every class-balanced training batch.
+        batch_size: Batch size of the plain train loader.
+        test_batch_size: Batch size of the test loader.
+        num_workers: DataLoader workers.
+        download: Let torchvision download the dataset when it is missing.
+        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    """
+
+    dataset_name = "MNIST"
+    torchvision_class = datasets.MNIST
+    mean = (0.1307,)
+    std = (0.3081,)
+
+
+class CIFAR10(RealDataModule):
+    """CIFAR-10: 50,000 + 10,000 colour 32x32 images of 10 classes.
+
+    Args:
+        data_dir: Folder holding ``cifar-10-batches-py`` (default ``$LD3M_DATA_DIR`` or ``./data``).
+        batch_per_class: Real images per class in every class-balanced training batch.
+        batch_size: Batch size of the plain train loader.
+        test_batch_size: Batch size of the test loader.
+        num_workers: DataLoader workers.
+        download: Let torchvision download the dataset when it is missing.
+        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    """
+
+    dataset_name = "CIFAR10"
+    torchvision_class: type = datasets.CIFAR10
+    num_classes = 10
+    image_shape = (3, 32, 32)
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2023, 0.1994, 0.2010)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(i) for i in range(self.num_classes)]
+
+    def _dataset(self, train: bool, transform) -> Dataset:
+        return self.torchvision_class(str(self.data_dir), train=train, transform=transform,
+                                      download=self.download)
+
+    @staticmethod
+    def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2), torch.as_tensor(dataset.targets)
+
+
+class CIFAR100(CIFAR10):
+    """CIFAR-100: 50,000 + 10,000 colour 32x32 images of 100 classes.
+
+    Args:
+        data_dir: Folder holding ``cifar-100-python`` (default ``$LD3M_DATA_DIR`` or ``./data``).
+        batch_per_class: Real images per class in every class-balanced training batch.
+        batch_size: Batch size of the plain train loader.
+        test_batch_size: Batch size of the test loader.
+        num_workers: DataLoader workers.
+        download: Let torchvision download the dataset when it is missing.
+        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    """
+
+    dataset_name = "CIFAR100"
+    torchvision_class = datasets.CIFAR100
+    num_classes = 100
+    mean = (0.5071, 0.4866, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
+
+
+class SVHN(RealDataModule):
+    """SVHN house numbers: 73,257 + 26,032 colour 32x32 images of 10 digits.
+
+    Args:
+        data_dir: Folder holding ``train_32x32.mat`` and ``test_32x32.mat``.
+        batch_per_class: Real images per class in every class-balanced training batch.
+        batch_size: Batch size of the plain train loader.
+        test_batch_size: Batch size of the test loader.
+        num_workers: DataLoader workers.
+        download: Let torchvision download the dataset when it is missing.
+        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    """
+
+    dataset_name = "SVHN"
+    num_classes = 10
+    image_shape = (3, 32, 32)
+    mean = (0.4377, 0.4438, 0.4728)
+    std = (0.1980, 0.2010, 0.1970)
+
+    def _dataset(self, train: bool, transform) -> Dataset:
+        return datasets.SVHN(str(self.data_dir), split="train" if train else "test",
+                             transform=transform, download=self.download)
+
+    @staticmethod
+    def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(dataset.data), torch.as_tensor(dataset.labels)
+
+
+class ImageFolderData(RealDataModule):
+    """Images in class folders (Tiny-ImageNet, ImageNet subsets) resized to a square size.
+
+    Layout: ``data_dir/<train_split>/<class>/*.jpg`` and ``data_dir/<test_split>/<class>/*``.
+
+    Args:
+        data_dir: Root folder of the dataset.
+        image_size: Side of the square images (64, 128 or 256 are the usual settings).
+        train_split: Sub-folder with the training classes.
+        test_split: Sub-folder with the test classes (same class names).
+        batch_per_class: Real images per class in every class-balanced training batch.
+        batch_size: Batch size of the plain train loader.
+        test_batch_size: Batch size of the test loader.
+        num_workers: DataLoader workers (decoding JPEGs benefits from several).
+        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    """
+
+    dataset_name = "ImageFolder"
+    mean = (0.485, 0.456, 0.406)
+    std = (0.229, 0.224, 0.225)
+
+    def __init__(self, data_dir: str, image_size: int = 64, train_split: str = "train",
+                 test_split: str = "val", batch_per_class: int = 256, batch_size: int = 256,
+                 test_batch_size: int = 500, num_workers: int = 2, seed: int = 0) -> None:
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8, got {image_size}")
+        super().__init__(data_dir, batch_per_class, batch_size, test_batch_size, num_workers,
+                         download=False, seed=seed)
+        self.image_size = image_size
+        self.train_split_name = train_split
+        self.test_split_name = test_split
+        self.image_shape = (3, image_size, image_size)
+        self._classes: list[str] | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        if self._classes is None:
+            root = self.data_dir / self.train_split_name
+            if not root.is_dir():
+                raise FileNotFoundError(f"image folder {root} does not exist")
+            self._classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+            if not self._classes:
+                raise FileNotFoundError(f"image folder {root} has no class sub-folders")
+        return self._classes
+
+    @property  # type: ignore[override]
+    def num_classes(self) -> int:  # noqa: D102
+        return len(self.class_names)
+
+    def _transform(self):
+        return transforms.Compose([
+            transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size),
+            transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    def _dataset(self, train: bool, transform) -> Dataset:
+        root = self.data_dir / (self.train_split_name if train else self.test_split_name)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        ds = datasets.ImageFolder(str(root), transform=transform)
+        if ds.classes != self.class_names:
+            raise ValueError(f"{root} has other classes than {self.data_dir / self.train_split_name}")
+        return ds
+
+
+DATASETS: dict[str, type[RealDataModule]] = {
+    "FashionMNIST": FashionMNIST, "MNIST": MNIST, "CIFAR10": CIFAR10, "CIFAR100": CIFAR100,
+    "SVHN": SVHN, "ImageFolder": ImageFolderData,
+}

@@ -1,0 +1,220 @@
+"""The evaluation protocol: train fresh networks on a synthetic set, test on real data.
+
+SGD (momentum 0.9, weight decay 5e-4), batch 256, lr 0.01 (or the set's learned lr),
+lr x0.1 at epoch E/2, DSA on every training batch (independent per-sample draws), accuracy on
+the real test set at the end of training. Every report also trains on ``ipc`` *random real*
+images per class, so distilled-vs-random is always visible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
+from ld3m.augment import DSA
+from ld3m.datamodules.distilled import DistilledDataModule
+from ld3m.datamodules.real import RealDataModule
+from ld3m.networks import conv_backend, get_network, reset_parameters
+from ld3m.synthetic import SyntheticSet
+
+log = logging.getLogger(__name__)
+
+
+
+class Classifier(L.LightningModule):
+    """A network trained with the distillation evaluation protocol.
+
+    Args:
+        network: Network name (see :func:`ld3m.networks.get_network`).
+        channels: Input channels.
+        num_classes: Number of classes.
+        image_size: Input side length.
+        lr: Initial SGD learning rate.
+        epochs: Training epochs E; the lr is multiplied by 0.1 at E/2.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        dsa: DSA strategy applied to every training batch ("none" to disable).
+        seed: Seed of the network initialisation and the augmentation draws.
+    """
+
+    def __init__(self, network: str, channels: int, num_classes: int, image_size: int,
+                 lr: float = 0.01, epochs: int = 1000, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, dsa: str = DEFAULT_DSA, seed: int = 0) -> None:
+        super().__init__()
+        if lr <= 0 or not math.isfinite(lr):
+            raise ValueError(f"lr must be a positive number, got {lr}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}")
+        self.save_hyperparameters()
+        self.net = get_network(network, channels, num_classes, image_size)
+        reset_parameters(self.net, torch.Generator().manual_seed(seed))
+        self.dsa = DSA(dsa) if dsa not in ("", "none") else None
+        self._generator = torch.Generator().manual_seed(seed + 1)
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.dsa is not None:
+            x = self.dsa(x, generator=self._generator)
+        with conv_backend(self.device):
+            logits = self.net(x)
+        if y.is_floating_point():  # soft labels (logits)
+            loss = torch.sum(-F.softmax(y, dim=1) * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+        else:
+            loss = F.cross_entropy(logits.float(), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        with conv_backend(self.device):
+            self.test_accuracy(self.net(x).argmax(1), y)
+        self.log("test_acc", self.test_accuracy, on_epoch=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
+                                    weight_decay=hp.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [hp.epochs // 2], gamma=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+@dataclass
+class EvalResult:
+    """Accuracies of one (set, architecture) pair over several runs."""
+
+    name: str
+    arch: str
+    accuracies: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return float(torch.tensor(self.accuracies).mean()) if self.accuracies else float("nan")
+
+    @property
+    def std(self) -> float:
+        if len(self.accuracies) < 2:
+            return 0.0
+        return float(torch.tensor(self.accuracies).std(unbiased=False))
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f} +- {100 * self.std:.2f}"
+
+
+@dataclass
+class EvalReport:
+    """The results of :func:`evaluate`: one :class:`EvalResult` per (set, architecture)."""
+
+    results: list[EvalResult]
+    settings: dict
+
+    def get(self, name: str, arch: str) -> EvalResult:
+        for r in self.results:
+            if r.name == name and r.arch == arch:
+                return r
+        raise KeyError((name, arch))
+
+    def table(self) -> str:
+        """A Markdown table: one row per set, one column per architecture (accuracy %, mean +- std)."""
+        names = list(dict.fromkeys(r.name for r in self.results))
+        archs = list(dict.fromkeys(r.arch for r in self.results))
+        lines = ["| set | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+        for name in names:
+            cells = [str(self.get(name, a)) for a in archs]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"settings": self.settings, "results": [
+            {"set": r.name, "arch": r.arch, "accuracies": r.accuracies, "mean": r.mean, "std": r.std}
+            for r in self.results]}, indent=2)
+
+
+def random_real_set(real: RealDataModule, ipc: int, seed: int = 0) -> SyntheticSet:
+    """``ipc`` random real training images per class, as a synthetic set (the baseline)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = real.sample_per_class(ipc, generator)
+    labels = torch.arange(real.num_classes).repeat_interleave(ipc)
+    return SyntheticSet(images.flatten(0, 1), labels, real.mean, real.std, real.num_classes,
+                        method="random", dataset=real.dataset_name, ipc=ipc)
+
+
+def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "ConvNet",
+                   epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
+                   batch_size: int = 256, seed: int = 0, accelerator: str = "auto",
+                   precision: str | None = None) -> float:
+    """Train one fresh ``arch`` on ``synthetic`` and return its real test accuracy (0-1)."""
+    if lr is None:
+        lr = float(synthetic.lr.reshape(-1)[-1]) if synthetic.lr is not None else 0.01
+    c, h, _ = synthetic.image_shape
+    model = Classifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs, dsa=dsa, seed=seed)
+    data = DistilledDataModule(synthetic, batch_size=batch_size, real=real)
+    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, precision=precision,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=data)
+    (metrics,) = trainer.test(model, datamodule=data, verbose=False)
+    return float(metrics["test_acc"])
+
+
+def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[str] | tuple[str, ...] = ("ConvNet",),
+             runs: int = 5, epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
+             baseline: bool = True, ipc: int | None = None, seed: int = 0,
+             accelerator: str = "auto", precision: str | None = None) -> EvalReport:
+    """Evaluate a synthetic set (and the random-real baseline) over ``runs`` fresh networks per arch.
+
+    Args:
+        synthetic: The distilled set (``None`` to evaluate only the baseline).
+        real: The real dataset (its test split is the test set; its train split feeds the baseline).
+        archs: Architectures to train.
+        runs: Fresh networks per (set, architecture).
+        epochs: Training epochs per network.
+        lr: Learning rate (default: the set's learned lr, else 0.01).
+        dsa: DSA strategy during training ("none" to disable).
+        baseline: Also evaluate ``ipc`` random real images per class (a new draw each run).
+        ipc: Images per class of the baseline (default: the set's IPC).
+        seed: Base seed of networks, augmentation and baseline draws.
+        accelerator: Lightning accelerator for the evaluation trainers.
+        precision: Lightning precision for the evaluation trainers.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    if synthetic is None and not baseline:
+        raise ValueError("nothing to evaluate: no synthetic set and baseline=False")
+    if synthetic is not None and synthetic.dataset not in ("unknown", real.dataset_name):
+        raise ValueError(f"the synthetic set was distilled from {synthetic.dataset}, "
+                         f"not {real.dataset_name}")
+    ipc = ipc or (synthetic.ipc if synthetic is not None else 0)
+    if baseline and ipc < 1:
+        raise ValueError("the random-real baseline needs ipc >= 1")
+    results = []
+    for arch in archs:
+        sets = []
+        if baseline:
+            sets.append((f"random real (IPC {ipc})", None))
+        if synthetic is not None:
+            sets.append((f"{synthetic.method} (IPC {synthetic.ipc})", synthetic))
+        for name, syn in sets:
+            result = EvalResult(name, arch)
+            for run in range(runs):
+                data = syn if syn is not None else random_real_set(real, ipc, seed=seed + 7919 * run)
+                acc = train_and_test(data, real, arch, epochs=epochs, lr=lr if syn is not None else 0.01,
+                                     dsa=dsa, seed=seed + run, accelerator=accelerator,
+                                     precision=precision)
+                result.accuracies.append(acc)
+                log.info("%s on %s, run %d/%d: %.2f%%", arch, name, run + 1, runs, 100 * acc)
+            results.append(result)
+    settings = {"archs": list(archs), "runs": runs, "epochs": epochs, "dsa": dsa, "ipc": ipc,
+                "dataset": real.dataset_name, "precision": precision}
+    return EvalReport(results, settings)

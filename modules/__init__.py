@@ -1,0 +1,6 @@
+"""One LightningModule per distillation method: ``from ld3m.modules import DM``."""
+
+from ld3m.modules.base import DistillationModule
+from ld3m.modules.dm import DM
+
+__all__ = ["DM", "DistillationModule"]

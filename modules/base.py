@@ -1,0 +1,175 @@
+"""What every distillation method has: IPC, the learnable synthetic images, init, export.
+
+A method subclasses :class:`DistillationModule`, implements ``training_step`` and, if it learns
+more than images (an lr, soft labels), adds parameter groups in ``configure_optimizers``.
+The synthetic images are an ``nn.Parameter`` of shape ``(classes * ipc, C, H, W)`` in the
+dataset's normalised space, class-major (``ipc`` images of class 0, then class 1, ...).
+Their shape comes from the constructor or, when not given, from the trainer's data module
+at ``setup`` (so a checkpoint restores into an already allocated tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchvision.utils import make_grid
+
+from ld3m.synthetic import SyntheticSet
+
+INITS = ("real", "noise")
+
+
+class DistillationModule(L.LightningModule):
+    """Abstract base of the distillation methods.
+
+    Args:
+        ipc: Synthetic images per class.
+        init: ``"real"`` (random real images of the class) or ``"noise"`` (standard normal).
+        lr_img: Learning rate of the synthetic images.
+        momentum: Momentum of the images' SGD optimiser.
+        seed: Seed of the initialisation and of every random draw of the method.
+        num_classes: Number of classes (default: from the data module).
+        image_shape: ``(C, H, W)`` of the images (default: from the data module).
+    """
+
+    method_name: str = "base"
+
+    def __init__(self, ipc: int = 10, init: str = "real", lr_img: float = 1.0, momentum: float = 0.5,
+                 seed: int = 0, num_classes: int | None = None,
+                 image_shape: tuple[int, int, int] | None = None) -> None:
+        super().__init__()
+        if ipc < 1:
+            raise ValueError(f"ipc must be at least 1, got {ipc}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if not (lr_img > 0 and math.isfinite(lr_img)):
+            raise ValueError(f"lr_img must be a positive number, got {lr_img}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.ipc = ipc
+        self.init = init
+        self.lr_img = lr_img
+        self.momentum = momentum
+        self.seed = seed
+        self.num_classes = num_classes
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self.dataset_name = "unknown"
+        self.mean: tuple[float, ...] = ()
+        self.std: tuple[float, ...] = ()
+        self.images: nn.Parameter | None = None
+        self.register_buffer("labels", torch.empty(0, dtype=torch.long))
+        self._initialised = False
+        if num_classes is not None and image_shape is not None:
+            self._allocate(num_classes, self.image_shape)
+
+    # ------------------------------------------------------------------------------ set-up
+    def _allocate(self, num_classes: int, image_shape: tuple[int, ...]) -> None:
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
+        self.num_classes = num_classes
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.images = nn.Parameter(torch.randn(num_classes * self.ipc, *self.image_shape,
+                                               generator=torch.Generator().manual_seed(self.seed)))
+        self.labels = torch.arange(num_classes).repeat_interleave(self.ipc)
+
+    @property
+    def real_data(self):
+        """The trainer's real data module (a :class:`ld3m.datamodules.RealDataModule`)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "sample_per_class"):
+            raise ValueError(f"{type(self).__name__} needs a real-data LightningDataModule "
+                             "(e.g. ld3m.datamodules.FashionMNIST) passed to the trainer")
+        return dm
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self._initialised:
+            return
+        dm = self.real_data
+        dm.setup("fit")
+        self.dataset_name = dm.dataset_name
+        self.mean, self.std = tuple(dm.mean), tuple(dm.std)
+        if self.images is None:
+            self._allocate(dm.num_classes, dm.image_shape)
+        elif (self.num_classes, self.image_shape) != (dm.num_classes, tuple(dm.image_shape)):
+            raise ValueError(f"{type(self).__name__} was built for {self.num_classes} classes of "
+                             f"{self.image_shape}, but {dm.dataset_name} has {dm.num_classes} of "
+                             f"{tuple(dm.image_shape)}")
+        self.initialise(dm)
+        self._initialised = True
+
+    def initialise(self, dm) -> None:
+        """Fill the synthetic images (identically on every rank: the draw uses ``seed``)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            if self.init == "real":
+                real = dm.sample_per_class(self.ipc, generator).flatten(0, 1)
+                self.images.copy_(real)
+            else:
+                self.images.copy_(torch.randn(self.images.shape, generator=generator))
+
+    def step_generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator for this step and rank: reproducible, resumable, distinct per rank."""
+        rank = self.global_rank if self._trainer is not None else 0
+        value = (self.seed * 1_000_003 + self.global_step * 7919 + rank * 104_729 + salt) % (2**63)
+        return torch.Generator().manual_seed(value)
+
+    # ------------------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.images], lr=self.lr_img, momentum=self.momentum)
+
+    def check_finite(self, loss: torch.Tensor, name: str = "loss") -> torch.Tensor:
+        """Raise before the optimizer step if the loss is NaN/inf (the saved files stay intact)."""
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"{type(self).__name__} {name} became {loss.item()} at step {self.global_step}; "
+                f"the images were not updated and files already written are kept "
+                f"(try a smaller --model.lr_img)")
+        return loss
+
+    def synthetic_images(self) -> torch.Tensor:
+        """The current synthetic images (normalised space), ``(classes * ipc, C, H, W)``."""
+        if self.images is None:
+            raise ValueError(f"{type(self).__name__} has no images yet: fit it or give "
+                             "num_classes and image_shape")
+        return self.images.detach()
+
+    # ------------------------------------------------------------------------------ export
+    def export_extra(self) -> dict[str, Any]:
+        """Additional fields for :class:`SyntheticSet` (``lr``, ``soft_labels``, ``extra``)."""
+        return {}
+
+    def synthetic_set(self) -> SyntheticSet:
+        """The current synthetic set, ready to save or evaluate."""
+        images = self.synthetic_images().float().cpu()
+        channels = images.shape[1]
+        return SyntheticSet(
+            images=images.clone(), labels=self.labels.cpu().clone(),
+            mean=self.mean or (0.0,) * channels, std=self.std or (1.0,) * channels,
+            num_classes=int(self.num_classes), method=self.method_name, dataset=self.dataset_name,
+            ipc=self.ipc, meta={"hparams": {k: v for k, v in self.hparams.items()
+                                            if isinstance(v, int | float | str | bool)}},
+            **self.export_extra())
+
+    def image_grid(self) -> torch.Tensor:
+        """The images as one ``(C, H, W)`` grid in [0, 1]: a row per class."""
+        return make_grid(self.synthetic_set().denormalized(), nrow=self.ipc, padding=1, pad_value=1.0)
+
+    # keep the synthetic-set metadata in checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ld3m"] = {"dataset": self.dataset_name, "mean": list(self.mean),
+                              "std": list(self.std), "num_classes": self.num_classes,
+                              "image_shape": list(self.image_shape or ())}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("ld3m")
+        if info is None:
+            raise ValueError("the checkpoint was not written by an ld3m method")
+        if self.images is None:
+            self._allocate(info["num_classes"], tuple(info["image_shape"]))
+        self.dataset_name = info["dataset"]
+        self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
+        self._initialised = True
