@@ -179,7 +179,9 @@ class RealDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Endless class-balanced batches ``(images (K, n, C, H, W), labels (K, n))``."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        stream = ClassBalancedStream(self, self.batch_per_class, seed=self.seed + 1000003 * rank)
+        start = self.trainer.global_step if self.trainer is not None else 0
+        stream = ClassBalancedStream(self, self.batch_per_class, seed=self.seed + 7919 * rank,
+                                     start=start)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
@@ -247,47 +249,49 @@ def _dataset_labels(dataset: Dataset) -> torch.Tensor:
 
 
 class ClassBalancedStream(IterableDataset):
-    """Endless batches of ``n`` images of every class, without replacement within an epoch of a class.
+    """Endless batches of ``n`` distinct random images of every class, indexed by step.
+
+    Batch ``i`` is drawn from a generator seeded by ``(seed, i)`` alone (a fresh draw per class,
+    as in the DM/DC reference code), so the stream can start at any step: a run resumed from a
+    checkpoint at step ``s`` continues with exactly the batches an uninterrupted run would see.
+    With several DataLoader workers, worker ``w`` yields steps ``start + w``, ``start + w + W``...,
+    which the DataLoader interleaves back into step order.
 
     Args:
         dm: The data module whose training split is sampled.
         n: Images per class per batch.
         seed: Seed of this stream (make it differ per rank).
+        start: Index of the first batch (the trainer's ``global_step`` when resuming).
     """
 
-    def __init__(self, dm: RealDataModule, n: int, seed: int = 0) -> None:
+    def __init__(self, dm: RealDataModule, n: int, seed: int = 0, start: int = 0) -> None:
         self.dm = dm
         self.n = n
         self.seed = seed
-        sizes = dm.class_sizes()
-        if min(sizes) < 1:
-            raise ValueError(f"{dm.dataset_name} has an empty class")
+        self.start = start
+        smallest = min(dm.class_sizes())
+        if n > smallest:
+            raise ValueError(f"batch_per_class={n} is larger than the smallest class of "
+                             f"{dm.dataset_name} ({smallest} images)")
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of step ``step``: ``(images (K, n, C, H, W), labels (K, n))``."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63))
+        split = self.dm.train_split
+        k = len(split.class_index)
+        picks = [members[torch.randperm(len(members), generator=generator)[:self.n]]
+                 for members in split.class_index]
+        images = split.images(torch.cat(picks), self.dm)
+        labels = torch.arange(k).repeat_interleave(self.n).view(k, self.n)
+        return images.view(k, self.n, *images.shape[1:]), labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        generator = torch.Generator().manual_seed(self.seed * 9973 + worker)
-        split = self.dm.train_split
-        perms = [torch.empty(0, dtype=torch.long) for _ in split.class_index]
-        cursors = [0] * len(split.class_index)
-        k = len(split.class_index)
-        labels = torch.arange(k).repeat_interleave(self.n).view(k, self.n)
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start + worker
         while True:
-            picks = []
-            for c, members in enumerate(split.class_index):
-                take = []
-                need = self.n
-                while need > 0:
-                    if cursors[c] >= len(perms[c]):
-                        perms[c] = members[torch.randperm(len(members), generator=generator)]
-                        cursors[c] = 0
-                    chunk = perms[c][cursors[c]:cursors[c] + need]
-                    cursors[c] += len(chunk)
-                    need -= len(chunk)
-                    take.append(chunk)
-                picks.append(torch.cat(take))
-            images = split.images(torch.cat(picks), self.dm)
-            yield images.view(k, self.n, *images.shape[1:]), labels
+            yield self.batch(step)
+            step += workers
 
 
 # ================================================================================ datasets

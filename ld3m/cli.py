@@ -44,8 +44,17 @@ TRAINER_DEFAULTS = {
     "max_steps": 200,
     "default_root_dir": "runs/default",
     "log_every_n_steps": 10,
-    "callbacks": [ModelCheckpoint(every_n_train_steps=100, save_last=True)],
 }
+
+
+def trainer_defaults() -> dict:
+    """``TRAINER_DEFAULTS`` plus a *fresh* ``ModelCheckpoint`` (every 100 steps and ``last.ckpt``).
+
+    A new instance per run: a callback keeps state between runs (a ModelCheckpoint remembers its
+    ``dirpath``), so a shared one would send a second in-process run's checkpoints to the first's.
+    """
+    return {**TRAINER_DEFAULTS,
+            "callbacks": [ModelCheckpoint(every_n_train_steps=100, save_last=True)]}
 
 
 class Ld3mCLI(LightningCLI):
@@ -60,7 +69,12 @@ class Ld3mCLI(LightningCLI):
 
 
 def _setup_logging() -> None:
+    # main() may run several times in one process (tests, notebooks): replace, don't stack, the
+    # handler, and bind it to the current sys.stderr
+    for old in [h for h in log.handlers if h.get_name() == "ld3m-cli"]:
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("ld3m-cli")
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -110,7 +124,7 @@ def _run(argv: list[str]) -> int:
         return evaluate_main(argv[1:])
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     Ld3mCLI(DistillationModule, RealDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            trainer_defaults=TRAINER_DEFAULTS, args=argv or ["fit"],
+            trainer_defaults=trainer_defaults(), args=argv or ["fit"],
             save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
     return 0
 

@@ -8,9 +8,11 @@ images per class, so distilled-vs-random is always visible.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -67,8 +69,7 @@ class Classifier(L.LightningModule):
         x, y = batch
         if self.dsa is not None:
             x = self.dsa(x, generator=self._generator)
-        with conv_backend(self.device):
-            logits = self.net(x)
+        logits = self.net(x)
         if y.is_floating_point():  # soft labels (logits)
             loss = torch.sum(-F.softmax(y, dim=1) * F.log_softmax(logits.float(), dim=1), dim=1).mean()
         else:
@@ -150,6 +151,20 @@ def random_real_set(real: RealDataModule, ipc: int, seed: int = 0) -> SyntheticS
                         method="random", dataset=real.dataset_name, ipc=ipc)
 
 
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence the banner lines ("GPU available", tips) of the many short evaluation trainers."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "ConvNet",
                    epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
                    batch_size: int = 256, seed: int = 0, accelerator: str = "auto",
@@ -160,11 +175,13 @@ def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "C
     c, h, _ = synthetic.image_shape
     model = Classifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs, dsa=dsa, seed=seed)
     data = DistilledDataModule(synthetic, batch_size=batch_size, real=real)
-    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, precision=precision,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=data)
-    (metrics,) = trainer.test(model, datamodule=data, verbose=False)
+    with _quiet_lightning():
+        trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1,
+                            precision=precision, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=data)
+        (metrics,) = trainer.test(model, datamodule=data, verbose=False)
     return float(metrics["test_acc"])
 
 

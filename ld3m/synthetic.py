@@ -145,18 +145,24 @@ class SyntheticSet:
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ValueError(f"{path} is not a valid ld3m synthetic set ({reason})") from None
-        if header.get("format") != FORMAT_VERSION or "images" not in tensors or "labels" not in tensors:
+        if (not isinstance(header, dict) or header.get("format") != FORMAT_VERSION
+                or "images" not in tensors or "labels" not in tensors):
+            fmt = header.get("format") if isinstance(header, dict) else None
             raise ValueError(f"{path} is not a valid ld3m synthetic set (format "
-                             f"{header.get('format')!r}, tensors {sorted(tensors)})")
-        meta = dict(header.get("meta", {}))
-        lr = tensors.get("lr")
-        if lr is not None and header.get("lr_shape") is not None:
-            lr = lr.reshape(header["lr_shape"])
-        return cls(
-            images=tensors["images"], labels=tensors["labels"], mean=tuple(header["mean"]),
-            std=tuple(header["std"]), num_classes=int(header["num_classes"]),
-            method=header.get("method", "unknown"), dataset=header.get("dataset", "unknown"),
-            ipc=int(header.get("ipc", 0)), soft_labels=tensors.get("soft_labels"), lr=lr,
-            extra={k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")},
-            meta=meta,
-        )
+                             f"{fmt!r}, tensors {sorted(tensors)})")
+        try:  # a well-formed file whose fields are missing or inconsistent is invalid too
+            meta = dict(header.get("meta", {}))
+            lr = tensors.get("lr")
+            if lr is not None and header.get("lr_shape") is not None:
+                lr = lr.reshape(header["lr_shape"])
+            return cls(
+                images=tensors["images"], labels=tensors["labels"], mean=tuple(header["mean"]),
+                std=tuple(header["std"]), num_classes=int(header["num_classes"]),
+                method=header.get("method", "unknown"), dataset=header.get("dataset", "unknown"),
+                ipc=int(header.get("ipc", 0)), soft_labels=tensors.get("soft_labels"), lr=lr,
+                extra={k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")},
+                meta=meta,
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{path} is not a valid ld3m synthetic set ({reason})") from None
