@@ -357,14 +357,7 @@ class FashionMNIST(_MNISTLike):
     Found in ``data_dir`` or, if missing there, in Debian's ``/usr/share/datasets/fashion-mnist``
     (``apt-get install dataset-fashion-mnist``), from which it is staged into ``data_dir``.
 
-    Args:
-        data_dir: Folder holding ``FashionMNIST/raw`` (default ``$LD3M_DATA_DIR`` or ``./data``).
-        batch_per_class: Real images per class in every class-balanced training batch.
-        batch_size: Batch size of the plain train loader.
-        test_batch_size: Batch size of the test loader.
-        num_workers: DataLoader workers.
-        download: Let torchvision download the dataset when it is missing.
-        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    Arguments: those of :class:`RealDataModule`.
     """
 
     dataset_name = "FashionMNIST"
@@ -380,14 +373,7 @@ class FashionMNIST(_MNISTLike):
 class MNIST(_MNISTLike):
     """MNIST digits: 60,000 + 10,000 grey 28x28 images.
 
-    Args:
-        data_dir: Folder holding ``MNIST/raw`` (default ``$LD3M_DATA_DIR`` or ``./data``).
-        batch_per_class: Real images per class in every class-balanced training batch.
-        batch_size: Batch size of the plain train loader.
-        test_batch_size: Batch size of the test loader.
-        num_workers: DataLoader workers.
-        download: Let torchvision download the dataset when it is missing.
-        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    Arguments: those of :class:`RealDataModule`.
     """
 
     dataset_name = "MNIST"
@@ -399,14 +385,7 @@ class MNIST(_MNISTLike):
 class CIFAR10(RealDataModule):
     """CIFAR-10: 50,000 + 10,000 colour 32x32 images of 10 classes.
 
-    Args:
-        data_dir: Folder holding ``cifar-10-batches-py`` (default ``$LD3M_DATA_DIR`` or ``./data``).
-        batch_per_class: Real images per class in every class-balanced training batch.
-        batch_size: Batch size of the plain train loader.
-        test_batch_size: Batch size of the test loader.
-        num_workers: DataLoader workers.
-        download: Let torchvision download the dataset when it is missing.
-        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    Arguments: those of :class:`RealDataModule`.
     """
 
     dataset_name = "CIFAR10"
@@ -432,14 +411,7 @@ class CIFAR10(RealDataModule):
 class CIFAR100(CIFAR10):
     """CIFAR-100: 50,000 + 10,000 colour 32x32 images of 100 classes.
 
-    Args:
-        data_dir: Folder holding ``cifar-100-python`` (default ``$LD3M_DATA_DIR`` or ``./data``).
-        batch_per_class: Real images per class in every class-balanced training batch.
-        batch_size: Batch size of the plain train loader.
-        test_batch_size: Batch size of the test loader.
-        num_workers: DataLoader workers.
-        download: Let torchvision download the dataset when it is missing.
-        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    Arguments: those of :class:`RealDataModule`.
     """
 
     dataset_name = "CIFAR100"
@@ -452,14 +424,7 @@ class CIFAR100(CIFAR10):
 class SVHN(RealDataModule):
     """SVHN house numbers: 73,257 + 26,032 colour 32x32 images of 10 digits.
 
-    Args:
-        data_dir: Folder holding ``train_32x32.mat`` and ``test_32x32.mat``.
-        batch_per_class: Real images per class in every class-balanced training batch.
-        batch_size: Batch size of the plain train loader.
-        test_batch_size: Batch size of the test loader.
-        num_workers: DataLoader workers.
-        download: Let torchvision download the dataset when it is missing.
-        seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+    Arguments: those of :class:`RealDataModule`.
     """
 
     dataset_name = "SVHN"

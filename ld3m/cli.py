@@ -41,7 +41,7 @@ DEFAULT_FIT = {
     "data": {"class_path": "ld3m.datamodules.FashionMNIST", "init_args": {"batch_per_class": 64}},
 }
 TRAINER_DEFAULTS = {
-    "max_steps": 200,
+    "max_steps": 150,
     "default_root_dir": "runs/default",
     "log_every_n_steps": 10,
 }
@@ -65,7 +65,7 @@ class Ld3mCLI(LightningCLI):
         parser.add_lightning_class_args(ImageGrid, "grid")
         parser.add_lightning_class_args(PeriodicEvaluation, "evaluation")
         parser.set_defaults(DEFAULT_FIT)
-        parser.set_defaults({"evaluation.epochs": 100, "evaluation.runs": 3})
+        parser.set_defaults({"evaluation.epochs": 120, "evaluation.runs": 3})
 
 
 def _setup_logging() -> None:

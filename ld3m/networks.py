@@ -72,7 +72,21 @@ def _check_spatial(h: int, w: int, where: str) -> None:
         )
 
 
-class ConvNet(nn.Module):
+class _FeaturesThenLinear(nn.Module):
+    """``features`` (a conv stack) -> flatten -> ``classifier`` (one Linear)."""
+
+    features: nn.Sequential
+    classifier: nn.Linear
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Return flattened features of shape ``(B, feat_dim)``."""
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class ConvNet(_FeaturesThenLinear):
     """The standard dataset-distillation ConvNet.
 
     ``depth`` blocks of ``Conv2d(3x3) -> norm -> ReLU -> pool(2)`` followed by a
@@ -126,15 +140,8 @@ class ConvNet(nn.Module):
         self.feat_dim = width * h * w
         self.classifier = nn.Linear(self.feat_dim, num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Return flattened features of shape ``(B, feat_dim)``."""
-        return self.features(x).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
-
-
-class AlexNet(nn.Module):
+class AlexNet(_FeaturesThenLinear):
     """AlexNet adapted to 28-64 px images (five convs, three max-pools).
 
     Args:
@@ -178,15 +185,8 @@ class AlexNet(nn.Module):
         self.feat_dim = in_ch * h * w
         self.classifier = nn.Linear(self.feat_dim, num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Return flattened features of shape ``(B, feat_dim)``."""
-        return self.features(x).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
-
-
-class VGG11(nn.Module):
+class VGG11(_FeaturesThenLinear):
     """VGG-11 for small images (3x3 convs, norm, ReLU, five max-pools).
 
     Args:
@@ -225,13 +225,6 @@ class VGG11(nn.Module):
         self.features = nn.Sequential(*layers)
         self.feat_dim = in_ch * h * w
         self.classifier = nn.Linear(self.feat_dim, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Return flattened features of shape ``(B, feat_dim)``."""
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
 
 
 class _BasicBlock(nn.Module):
