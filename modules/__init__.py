@@ -1,6 +1,7 @@
 """One LightningModule per distillation method: ``from ld3m.modules import DM``."""
 
 from ld3m.modules.base import DistillationModule
+from ld3m.modules.dc import DC, DSA
 from ld3m.modules.dm import DM
 
-__all__ = ["DM", "DistillationModule"]
+__all__ = ["DC", "DM", "DSA", "DistillationModule"]
