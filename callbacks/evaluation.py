@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.evaluation import EvalReport, evaluate
+from ld3m.files import atomic_write
 
 log = logging.getLogger("ld3m")
 
@@ -84,9 +83,6 @@ class PeriodicEvaluation(L.Callback):
     @staticmethod
     @rank_zero_only
     def _write(folder: Path, report: EvalReport) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         for name, text in (("evaluation.md", report.table() + "\n"), ("evaluation.json", report.to_json())):
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, folder / name)
+            with atomic_write(folder / name) as tmp:
+                tmp.write_text(text)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import save_image
+
+from ld3m.files import atomic_write
 
 
 class ImageGrid(L.Callback):
@@ -30,17 +30,9 @@ class ImageGrid(L.Callback):
 
     @rank_zero_only
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
-        folder = self.folder(trainer)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / name
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".png")
-        os.close(fd)
-        try:
+        target = self.folder(trainer) / name
+        with atomic_write(target, suffix=".png") as tmp:
             save_image(pl_module.image_grid(), tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return target
 
     def on_train_start(self, trainer, pl_module) -> None:

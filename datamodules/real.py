@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torchvision import datasets, transforms
+
+from ld3m.files import atomic_write
 
 DEFAULT_DATA_DIR = "data"
 _CACHE_LIMIT_BYTES = 2 << 30
@@ -341,14 +342,8 @@ class _MNISTLike(RealDataModule):
 
 def _extract_atomic(source: Path, target: Path) -> None:
     opener = gzip.open if source.suffix == ".gz" else open
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with opener(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(target) as tmp, opener(source, "rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst)
 
 
 class FashionMNIST(_MNISTLike):

@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
@@ -30,6 +29,7 @@ import ld3m.modules  # noqa: F401  (registers the methods for --model NAME)
 from ld3m.callbacks import ExportSynthetic, ImageGrid, PeriodicEvaluation
 from ld3m.datamodules import DATASETS, RealDataModule
 from ld3m.evaluation import DEFAULT_DSA, evaluate
+from ld3m.files import atomic_write
 from ld3m.modules import DistillationModule
 from ld3m.synthetic import SyntheticSet
 
@@ -111,11 +111,8 @@ def evaluate_main(argv: list[str]) -> int:
                       precision=args.precision)
     print(report.table())
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(report.to_json())
-        os.replace(tmp, out)
+        with atomic_write(args.output) as tmp:
+            tmp.write_text(report.to_json())
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch.utils.data import TensorDataset
+
+from ld3m.files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -117,14 +118,8 @@ class SyntheticSet:
             tensors["lr"] = self.lr.detach().float().cpu().reshape(-1).contiguous()
         for name, value in self.extra.items():
             tensors[f"extra.{name}"] = value.detach().cpu().contiguous()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"ld3m": json.dumps(self._header())})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"ld3m": json.dumps(self._header())})
         return path
 
     @classmethod
