@@ -6,7 +6,8 @@ flag is Lightning's. Three callbacks are always on and have their own flag group
 ``--export.*`` (the final ``.safetensors`` set), ``--grid.*`` (PNG image grids) and
 ``--evaluation.*`` (the evaluation protocol at the end of ``fit``).
 
-``ld3m evaluate --distilled FILE`` runs the evaluation protocol on a saved set.
+``ld3m evaluate --distilled FILE`` runs the evaluation protocol on a saved set (DD's own
+protocol for DD sets).
 
 Bad input ends with one ``error:`` line on stderr and exit status 2 (set ``LD3M_DEBUG=1`` for
 the traceback).
@@ -98,6 +99,9 @@ def evaluate_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--precision", type=str | None, default=None)
+    parser.add_argument("--protocol", type=str, default="auto",
+                        help="standard, dd (DD's learned unrolled steps; --archs/--epochs/--lr/--dsa "
+                             "are then the set's own) or auto (dd for DD sets)")
     parser.add_argument("--output", type=str | None, default=None, help="write the report as JSON")
     args = parser.parse_args(argv)
     synthetic = SyntheticSet.load(args.distilled)
@@ -108,7 +112,7 @@ def evaluate_main(argv: list[str]) -> int:
     report = evaluate(synthetic, real, archs=[a.strip() for a in args.archs.split(",")],
                       runs=args.runs, epochs=args.epochs, lr=args.lr, dsa=args.dsa,
                       baseline=args.baseline, seed=args.seed, accelerator=args.accelerator,
-                      precision=args.precision)
+                      precision=args.precision, protocol=args.protocol)
     print(report.table())
     if args.output:
         with atomic_write(args.output) as tmp:

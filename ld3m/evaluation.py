@@ -1,9 +1,16 @@
 """The evaluation protocol: train fresh networks on a synthetic set, test on real data.
 
-SGD (momentum 0.9, weight decay 5e-4), batch 256, lr 0.01 (or the set's learned lr),
-lr x0.1 at epoch E/2, DSA on every training batch (independent per-sample draws), accuracy on
-the real test set at the end of training. Every report also trains on ``ipc`` *random real*
-images per class, so distilled-vs-random is always visible.
+The standard protocol: SGD (momentum 0.9, weight decay 5e-4), batch 256, lr 0.01 (or the set's
+learned lr), lr x0.1 at epoch E/2, DSA on every training batch (independent per-sample draws),
+accuracy on the real test set at the end of training.
+
+The DD protocol (for sets distilled by DD, chosen automatically): the set's network starts from
+its initialisation family (fresh random weights, the stored ``theta_0``, or one of the stored
+pre-trained networks) and takes the set's ``steps x epochs`` plain gradient steps with the
+learned learning rates, exactly as during distillation (see :mod:`ld3m.unrolled`).
+
+Every report also trains on ``ipc`` *random real* images per class with the same protocol, so
+distilled-vs-random is always visible.
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
@@ -26,6 +34,10 @@ from ld3m.datamodules.distilled import DistilledDataModule
 from ld3m.datamodules.real import RealDataModule
 from ld3m.networks import conv_backend, get_network, reset_parameters
 from ld3m.synthetic import SyntheticSet
+from ld3m.unrolled import step_batches, unpack_pool, unpack_weights
+
+#: Evaluation protocols: ``auto`` picks ``dd`` for DD sets, ``standard`` for the rest.
+PROTOCOLS = ("auto", "standard", "dd")
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +101,55 @@ class Classifier(L.LightningModule):
                                     weight_decay=hp.weight_decay)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [hp.epochs // 2], gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+class UnrolledClassifier(Classifier):
+    """DD's evaluation: plain gradient steps with a learned learning rate per step.
+
+    Train it on a loader that yields the ``steps`` batches in order, for ``epochs`` epochs.
+
+    Args:
+        network: Network name (see :func:`ld3m.networks.get_network`).
+        channels: Input channels.
+        num_classes: Number of classes.
+        image_size: Input side length.
+        lrs: The learning rate of every step, in order (``epochs * steps`` values).
+        initial: Initial parameters by name (default: random, from ``seed``).
+        seed: Seed of the random initialisation.
+    """
+
+    def __init__(self, network: str, channels: int, num_classes: int, image_size: int,
+                 lrs: list[float], initial: dict[str, torch.Tensor] | None = None, seed: int = 0) -> None:
+        super().__init__(network, channels, num_classes, image_size, lr=1.0, epochs=1, momentum=0.0,
+                         weight_decay=0.0, dsa="none", seed=seed)
+        if not lrs:
+            raise ValueError("the DD protocol needs at least one learning rate")
+        self.lrs = [float(lr) for lr in lrs]
+        if initial is not None:
+            names = {name for name, _ in self.net.named_parameters()}
+            if set(initial) != names:
+                raise ValueError(f"the stored initial weights do not fit {network} "
+                                 f"(missing {sorted(names - set(initial))[:3]}, "
+                                 f"unexpected {sorted(set(initial) - names)[:3]})")
+            self.net.load_state_dict(initial, strict=False)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=1.0)
+        last = len(self.lrs) - 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: self.lrs[min(i, last)])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def dd_settings(synthetic: SyntheticSet) -> dict:
+    """The DD protocol's settings stored in a set (``network``, ``steps``, ``epochs``, ``init_mode``)."""
+    dd = synthetic.meta.get("dd")
+    if not isinstance(dd, dict) or synthetic.lr is None:
+        raise ValueError(f"the {synthetic.method} set has no DD learning rates and settings; "
+                         "evaluate it with the standard protocol")
+    if synthetic.lr.numel() != dd["steps"] * dd["epochs"]:
+        raise ValueError(f"the set stores {synthetic.lr.numel()} learning rates for "
+                         f"{dd['steps']} steps x {dd['epochs']} epochs")
+    return dd
 
 
 @dataclass
@@ -185,10 +246,37 @@ def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "C
     return float(metrics["test_acc"])
 
 
+def train_and_test_dd(synthetic: SyntheticSet, real: RealDataModule, seed: int = 0, run: int = 0,
+                      accelerator: str = "auto", precision: str | None = None) -> float:
+    """Train the set's network with DD's protocol (run ``run``) and return its test accuracy (0-1)."""
+    dd = dd_settings(synthetic)
+    initial = None
+    if dd["init_mode"] in ("fixed", "fixed_pretrained"):
+        initial = unpack_weights(synthetic.extra, "theta0")
+    elif dd["init_mode"] == "random_pretrained":
+        pool = unpack_pool(synthetic.extra)
+        initial = pool[run % len(pool)] if pool else {}
+    if initial is not None and not initial:
+        raise ValueError(f"the DD set ({dd['init_mode']} init) stores no initial weights")
+    c, h, _ = synthetic.image_shape
+    model = UnrolledClassifier(dd["network"], c, synthetic.num_classes, h,
+                               lrs=synthetic.lr.reshape(-1).tolist(), initial=initial, seed=seed)
+    batches = step_batches(synthetic.images.detach().float().cpu(), synthetic.num_classes, dd["steps"])
+    with _quiet_lightning():
+        trainer = L.Trainer(max_epochs=dd["epochs"], accelerator=accelerator, devices=1,
+                            precision=precision, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0)
+        trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+        (metrics,) = trainer.test(model, dataloaders=real.test_dataloader(), verbose=False)
+    return float(metrics["test_acc"])
+
+
 def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[str] | tuple[str, ...] = ("ConvNet",),
              runs: int = 5, epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
              baseline: bool = True, ipc: int | None = None, seed: int = 0,
-             accelerator: str = "auto", precision: str | None = None) -> EvalReport:
+             accelerator: str = "auto", precision: str | None = None,
+             protocol: str = "auto") -> EvalReport:
     """Evaluate a synthetic set (and the random-real baseline) over ``runs`` fresh networks per arch.
 
     Args:
@@ -204,7 +292,21 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
         seed: Base seed of networks, augmentation and baseline draws.
         accelerator: Lightning accelerator for the evaluation trainers.
         precision: Lightning precision for the evaluation trainers.
+        protocol: ``standard``, ``dd`` (DD's unrolled protocol; ``archs``, ``epochs``, ``lr`` and
+            ``dsa`` are then the set's own) or ``auto`` (``dd`` for sets that carry DD settings).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "auto":
+        protocol = "dd" if synthetic is not None and "dd" in synthetic.meta else "standard"
+    if protocol == "dd":
+        if synthetic is None:
+            raise ValueError("the DD protocol needs a DD synthetic set")
+        dd = dd_settings(synthetic)
+        if list(archs) != [dd["network"]]:
+            log.warning("DD protocol: training %s (the set's network), not %s",
+                        dd["network"], ", ".join(archs))
+        archs = [dd["network"]]
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
     if synthetic is None and not baseline:
@@ -226,12 +328,22 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
             result = EvalResult(name, arch)
             for run in range(runs):
                 data = syn if syn is not None else random_real_set(real, ipc, seed=seed + 7919 * run)
-                acc = train_and_test(data, real, arch, epochs=epochs, lr=lr if syn is not None else 0.01,
-                                     dsa=dsa, seed=seed + run, accelerator=accelerator,
-                                     precision=precision)
+                if protocol == "dd":  # the baseline gets the set's learned steps and initial weights
+                    data = data if syn is not None else replace(
+                        data, lr=synthetic.lr, extra=synthetic.extra, meta=synthetic.meta)
+                    acc = train_and_test_dd(data, real, seed=seed + run, run=run,
+                                            accelerator=accelerator, precision=precision)
+                else:
+                    acc = train_and_test(data, real, arch, epochs=epochs,
+                                         lr=lr if syn is not None else 0.01, dsa=dsa, seed=seed + run,
+                                         accelerator=accelerator, precision=precision)
                 result.accuracies.append(acc)
                 log.info("%s on %s, run %d/%d: %.2f%%", arch, name, run + 1, runs, 100 * acc)
             results.append(result)
     settings = {"archs": list(archs), "runs": runs, "epochs": epochs, "dsa": dsa, "ipc": ipc,
-                "dataset": real.dataset_name, "precision": precision}
+                "dataset": real.dataset_name, "precision": precision, "protocol": protocol}
+    if protocol == "dd":
+        settings.update(epochs=dd["epochs"], dsa="none", protocol_note=(
+            f"{runs} x DD protocol ({dd['steps']} steps x {dd['epochs']} epochs, learned lrs, "
+            f"{dd['init_mode']} init)"))
     return EvalReport(results, settings)

@@ -2,6 +2,7 @@
 
 from ld3m.modules.base import DistillationModule
 from ld3m.modules.dc import DC, DSA
+from ld3m.modules.dd import DD
 from ld3m.modules.dm import DM
 
-__all__ = ["DC", "DM", "DSA", "DistillationModule"]
+__all__ = ["DC", "DD", "DM", "DSA", "DistillationModule"]

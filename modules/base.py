@@ -18,9 +18,16 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid
 
+from ld3m.networks import NETWORK_NAMES, get_network
 from ld3m.synthetic import SyntheticSet
 
 INITS = ("real", "noise")
+
+
+def check_network_name(name: str) -> None:
+    """Raise a ``ValueError`` naming the choices if ``name`` is not an ``ld3m.networks`` network."""
+    if str(name).lower() not in {known.lower() for known in NETWORK_NAMES}:
+        raise ValueError(f"unknown network {name!r}; choose one of: {', '.join(NETWORK_NAMES)}")
 
 
 class DistillationModule(L.LightningModule):
@@ -111,6 +118,16 @@ class DistillationModule(L.LightningModule):
             else:
                 self.images.copy_(torch.randn(self.images.shape, generator=generator))
 
+    def shared_generator(self, step: int, salt: int = 0) -> torch.Generator:
+        """A CPU generator keyed by seed, ``step`` and ``salt``: the same on every DDP rank."""
+        value = (self.seed * 1_000_003 + step * 7919 + salt * 15_485_863) % (2**63)
+        return torch.Generator().manual_seed(value)
+
+    def build_network(self, name: str) -> nn.Module:
+        """A default-initialised network ``name`` for this module's images and classes."""
+        c, h, w = self.image_shape
+        return get_network(name, c, self.num_classes, (h, w))
+
     def step_generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator for this step and rank: reproducible, resumable, distinct per rank."""
         rank = self.global_rank if self._trainer is not None else 0
@@ -139,20 +156,23 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ export
     def export_extra(self) -> dict[str, Any]:
-        """Additional fields for :class:`SyntheticSet` (``lr``, ``soft_labels``, ``extra``)."""
+        """Additional fields for :class:`SyntheticSet` (``lr``, ``soft_labels``, ``extra``; a
+        ``meta`` dict is merged into the set's metadata)."""
         return {}
 
     def synthetic_set(self) -> SyntheticSet:
         """The current synthetic set, ready to save or evaluate."""
         images = self.synthetic_images().float().cpu()
         channels = images.shape[1]
+        extra = self.export_extra()
+        meta = {"hparams": {k: v for k, v in self.hparams.items()
+                            if isinstance(v, int | float | str | bool)}}
+        meta.update(extra.pop("meta", {}))
         return SyntheticSet(
             images=images.clone(), labels=self.labels.cpu().clone(),
             mean=self.mean or (0.0,) * channels, std=self.std or (1.0,) * channels,
             num_classes=int(self.num_classes), method=self.method_name, dataset=self.dataset_name,
-            ipc=self.ipc, meta={"hparams": {k: v for k, v in self.hparams.items()
-                                            if isinstance(v, int | float | str | bool)}},
-            **self.export_extra())
+            ipc=self.ipc, meta=meta, **extra)
 
     def image_grid(self) -> torch.Tensor:
         """The images as one ``(C, H, W)`` grid in [0, 1]: a row per class."""

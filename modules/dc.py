@@ -42,13 +42,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ld3m.modules.base import DistillationModule
+from ld3m.modules.base import DistillationModule, check_network_name
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ld3m.augment import DEFAULT_STRATEGY
 from ld3m.augment import DSA as Augment
-from ld3m.networks import NETWORK_NAMES, get_network, has_batchnorm, reset_parameters
+from ld3m.networks import has_batchnorm, reset_parameters
 
 #: (outer_loop, inner_loop) by images per class, from the DC paper.
 LOOPS_BY_IPC: dict[int, tuple[int, int]] = {
@@ -198,9 +198,7 @@ class DC(DistillationModule):
             raise ValueError(f"outer_loop must be at least 1, got {outer_loop}")
         if inner_loop is not None and inner_loop < 0:
             raise ValueError(f"inner_loop must be >= 0, got {inner_loop}")
-        if str(network).lower() not in {name.lower() for name in NETWORK_NAMES}:
-            raise ValueError(f"unknown network {network!r}; choose one of: "
-                             f"{', '.join(NETWORK_NAMES)}")
+        check_network_name(network)
         self.save_hyperparameters()
         default_outer, default_inner = default_loops(ipc)
         self.outer_loop = default_outer if outer_loop is None else int(outer_loop)
@@ -211,7 +209,7 @@ class DC(DistillationModule):
         self.lr_net = lr_net
         self.dsa = Augment(dsa) if str(dsa).strip().lower() not in ("", "none") else None
         if num_classes is not None and image_shape is not None:
-            self._build_network()  # fail early on a network that does not fit the images
+            self.build_network(self.network)  # fail early on a network that does not fit the images
         # The network and its optimizer are scratch space, not submodules: they stay out of
         # state_dict and of DDP's gradient sync; on_save_checkpoint stores them for resuming.
         self._scratch: dict[str, Any] = {}
@@ -220,20 +218,12 @@ class DC(DistillationModule):
         self.automatic_optimization = False
 
     # ------------------------------------------------------------------------------ the network
-    def _build_network(self) -> nn.Module:
-        c, h, w = self.image_shape
-        return get_network(self.network, c, self.num_classes, (h, w))
-
-    def shared_generator(self, step: int, salt: int = 0) -> torch.Generator:
-        """A CPU generator keyed by seed, ``step`` and ``salt``: the same on every DDP rank."""
-        value = (self.seed * 1_000_003 + step * 7919 + salt * 15_485_863) % (2**63)
-        return torch.Generator().manual_seed(value)
 
     def new_network(self, step: int) -> nn.Module:
         """Re-draw the network (identically on every rank) and give it a fresh optimizer."""
         net = self._scratch.get("net")
         if net is None:
-            net = self._build_network()
+            net = self.build_network(self.network)
         net = reset_parameters(net.to(self.device), self.shared_generator(step, _SALT_NETWORK))
         self._scratch["net"] = net.train()
         self._scratch["opt"] = torch.optim.SGD(net.parameters(), lr=self.lr_net,

@@ -22,7 +22,7 @@ from torch import nn
 
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.augment import DSA
-from ld3m.networks import conv_backend, get_network, reset_parameters
+from ld3m.networks import conv_backend, reset_parameters
 
 
 class DM(DistillationModule):
@@ -58,9 +58,7 @@ class DM(DistillationModule):
         self._scratch: dict[str, nn.Module] = {}
 
     def _build_network(self) -> nn.Module:
-        c, h, w = self.image_shape
-        net = get_network(self.network, c, self.num_classes, (h, w))
-        return net.requires_grad_(False)
+        return self.build_network(self.network).requires_grad_(False)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
