@@ -1,13 +1,16 @@
-"""A 2-process CPU DDP run of DM: both ranks must end with the same (trained) images.
+"""2-process CPU DDP runs of every method: both ranks must end with the same (trained) images.
 
 Lightning's ``ddp`` strategy re-launches the running script for rank 1, which cannot be
 pytest itself, so the run is a small script written to ``tmp_path`` and started with
-``subprocess``. Each rank draws its own real batches and embedding networks; only the
-all-reduced gradients keep the images identical.
+``subprocess``. Each rank draws its own real batches (and, for DM, its own embedding networks);
+only the all-reduced gradients keep the images identical. DC/DSA also keep a network across
+steps (trained on the synthetic images between updates) and DD learns per-step learning rates
+and, in ``random_pretrained`` mode, trains its pool on rank 0 behind a barrier.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,11 +24,13 @@ SCRIPT = textwrap.dedent(
     """
     import sys
 
+    import json
+
     import lightning as L
     import torch
 
+    from ld3m import modules
     from ld3m.datamodules import FashionMNIST
-    from ld3m.modules import DM
 
 
     class Record(L.Callback):
@@ -41,9 +46,9 @@ SCRIPT = textwrap.dedent(
 
 
     def main():
-        out, network, batch_per_class, precision, dsa = sys.argv[1:6]
+        out, method, kwargs, batch_per_class, precision = sys.argv[1:6]
         torch.set_num_threads(1)
-        model = DM(ipc=1, network=network, dsa=dsa, seed=0)
+        model = getattr(modules, method)(seed=0, **json.loads(kwargs))
         data = FashionMNIST(batch_per_class=int(batch_per_class))
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2,
                             precision=precision, logger=False, enable_checkpointing=False,
@@ -52,6 +57,8 @@ SCRIPT = textwrap.dedent(
         trainer.fit(model, datamodule=data)
         assert trainer.world_size == 2 and trainer.global_step == 2
         torch.save(model.images.detach(), f"{out}/rank{trainer.global_rank}.pt")
+        if hasattr(model, "raw_lrs"):
+            torch.save(model.raw_lrs.detach(), f"{out}/lrs{trainer.global_rank}.pt")
 
 
     if __name__ == "__main__":
@@ -60,18 +67,29 @@ SCRIPT = textwrap.dedent(
 )
 
 
+DSA_ALL = "color_crop_cutout_flip_scale_rotate"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "network, batch_per_class, precision, dsa",
+    "method, kwargs, batch_per_class, precision",
     [
-        ("ConvNetW32", 4, "32-true", "color_crop_cutout_flip_scale_rotate"),
+        ("DM", {"ipc": 1, "network": "ConvNetW32", "dsa": DSA_ALL}, 4, "32-true"),
         # bf16 convolutions are slow on CPUs without AVX-512: one shallow net, 2 images per class
-        ("ConvNetD1", 2, "bf16-mixed", "none"),
+        ("DM", {"ipc": 1, "network": "ConvNetD1", "dsa": "none"}, 2, "bf16-mixed"),
+        # two image updates per network, one inner step between them
+        ("DC", {"ipc": 1, "network": "ConvNetW32", "outer_loop": 2, "inner_loop": 1}, 4, "32-true"),
+        ("DSA", {"ipc": 1, "network": "ConvNetW32", "outer_loop": 2, "inner_loop": 1}, 4, "32-true"),
+        ("DSA", {"ipc": 1, "network": "ConvNetD1", "outer_loop": 2, "inner_loop": 1}, 2, "bf16-mixed"),
+        ("DD", {"ipc": 2, "network": "ConvNetW32", "init_mode": "random_pretrained",
+                "pretrained_nets": 2, "pretrain_steps": 2}, 4, "32-true"),
+        ("DD", {"ipc": 1, "network": "ConvNetD1"}, 2, "bf16-mixed"),
     ],
-    ids=["fp32", "bf16-mixed"],
+    ids=["DM-fp32", "DM-bf16-mixed", "DC-fp32", "DSA-fp32", "DSA-bf16-mixed", "DD-fp32",
+         "DD-bf16-mixed"],
 )
-def test_ddp_ranks_agree(data_dir: Path, tmp_path: Path, network: str, batch_per_class: int,
-                         precision: str, dsa: str) -> None:
+def test_ddp_ranks_agree(data_dir: Path, tmp_path: Path, method: str, kwargs: dict,
+                         batch_per_class: int, precision: str) -> None:
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out"
@@ -80,7 +98,8 @@ def test_ddp_ranks_agree(data_dir: Path, tmp_path: Path, network: str, batch_per
     for var in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(var, None)
     result = subprocess.run(
-        [sys.executable, str(script), str(out), network, str(batch_per_class), precision, dsa],
+        [sys.executable, str(script), str(out), method, json.dumps(kwargs), str(batch_per_class),
+         precision],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540,
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
@@ -93,9 +112,14 @@ def test_ddp_ranks_agree(data_dir: Path, tmp_path: Path, network: str, batch_per
     final0, final1 = load("rank0.pt"), load("rank1.pt")
     init0, init1 = load("init0.pt"), load("init1.pt")
     batch0, batch1 = load("batch0.pt"), load("batch1.pt")
-    assert final0.shape == (10, 1, 28, 28)
+    assert final0.shape == (10 * kwargs["ipc"], 1, 28, 28)
     assert torch.equal(init0, init1), "the ranks started from different images"
     assert not torch.equal(batch0, batch1), "the ranks drew the same real batch"
     assert torch.isfinite(final0).all()
     assert torch.equal(final0, final1), "the ranks' images diverged: gradients were not synced"
     assert not torch.equal(final0, init0), "no training happened"
+    if method == "DD":
+        lrs0, lrs1 = load("lrs0.pt"), load("lrs1.pt")
+        assert torch.equal(lrs0, lrs1), "the ranks' learning rates diverged"
+        if kwargs.get("init_mode") == "random_pretrained":
+            assert (out / "dd_pretrained.pt").is_file(), "the pool was not saved"
