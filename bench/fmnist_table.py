@@ -32,8 +32,8 @@ BUDGET = {
     ("DSA", 10): {"steps": 40, "epochs": 300, "dsa": "color_crop_cutout_flip_scale_rotate"},
     # DD's step is an unrolled training plus a real batch through the unrolled graph: fewer
     # real images (the recipe's 102 per class cost ~12 s per step here)
-    ("DD", 1): {"steps": 200, "epochs": 0, "dsa": "none", "batch_per_class": 32},
-    ("DD", 10): {"steps": 100, "epochs": 0, "dsa": "none", "batch_per_class": 32},
+    ("DD", 1): {"steps": 150, "epochs": 0, "dsa": "none", "batch_per_class": 32},
+    ("DD", 10): {"steps": 60, "epochs": 0, "dsa": "none", "batch_per_class": 32},
 }
 
 
