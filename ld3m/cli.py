@@ -7,7 +7,8 @@ flag is Lightning's. Three callbacks are always on and have their own flag group
 ``--evaluation.*`` (the evaluation protocol at the end of ``fit``).
 
 ``ld3m evaluate --distilled FILE`` runs the evaluation protocol on a saved set (DD's own
-protocol for DD sets).
+protocol for DD sets). ``ld3m buffer`` trains expert networks and records their trajectories
+(MTT/DATM's buffer, see :mod:`ld3m.experts`).
 
 Bad input ends with one ``error:`` line on stderr and exit status 2 (set ``LD3M_DEBUG=1`` for
 the traceback).
@@ -120,9 +121,56 @@ def evaluate_main(argv: list[str]) -> int:
     return 0
 
 
+def buffer_main(argv: list[str]) -> int:
+    """``ld3m buffer``: train expert networks and record their trajectories (MTT/DATM)."""
+    from ld3m.experts import train_experts
+
+    parser = ArgumentParser(prog="ld3m buffer",
+                            description="Train expert networks on real data and record their "
+                                        "parameters after every epoch (MTT/DATM's buffer). "
+                                        "Experts already in --folder are kept (resume).")
+    parser.add_argument("--data", type=str, default="FashionMNIST",
+                        help=f"dataset: {', '.join(DATASETS)}")
+    parser.add_argument("--data_dir", type=str | None, default=None, help="real dataset folder")
+    parser.add_argument("--folder", type=str | None, default=None,
+                        help="where the shards go (default runs/buffer/<data>_<network>)")
+    parser.add_argument("--experts", type=int, default=100, help="experts in the buffer")
+    parser.add_argument("--epochs", type=int, default=50, help="training epochs per expert")
+    parser.add_argument("--network", type=str, default="ConvNet")
+    parser.add_argument("--lr_teacher", type=float, default=0.01, help="SGD lr (no momentum)")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--dsa", type=str, default=DEFAULT_DSA, help="DSA strategy or 'none'")
+    parser.add_argument("--logits", type=bool, default=False,
+                        help="also store the final logits on the training images (DATM)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", type=str, default="auto")
+    parser.add_argument("--precision", type=str | None, default=None)
+    parser.add_argument("--limit_train_batches", type=int | float | None, default=None,
+                        help="batches per epoch (default: the whole training set)")
+    parser.add_argument("--progress_bar", type=bool, default=True)
+    args = parser.parse_args(argv)
+    if args.data not in DATASETS:
+        raise ValueError(f"unknown dataset {args.data!r}; choose one of: {', '.join(DATASETS)}")
+    data: RealDataModule = DATASETS[args.data](data_dir=args.data_dir)
+    folder = args.folder or f"runs/buffer/{args.data.lower()}_{args.network.lower()}"
+    trainer_kwargs = {"accelerator": args.accelerator, "devices": 1, "precision": args.precision,
+                      "enable_progress_bar": args.progress_bar}
+    if args.limit_train_batches is not None:
+        trainer_kwargs["limit_train_batches"] = args.limit_train_batches
+    buffer = train_experts(data, folder, experts=args.experts, epochs=args.epochs,
+                           network=args.network, lr_teacher=args.lr_teacher,
+                           batch_size=args.batch_size, dsa=args.dsa, logits=args.logits,
+                           seed=args.seed, trainer_kwargs=trainer_kwargs)
+    log.info("buffer %s: %d experts x %d epochs of %s on %s", folder, len(buffer), buffer.epochs,
+             args.network, args.data)
+    return 0
+
+
 def _run(argv: list[str]) -> int:
     if argv and argv[0] == "evaluate":
         return evaluate_main(argv[1:])
+    if argv and argv[0] == "buffer":
+        return buffer_main(argv[1:])
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     Ld3mCLI(DistillationModule, RealDataModule, subclass_mode_model=True, subclass_mode_data=True,
             trainer_defaults=trainer_defaults(), args=argv or ["fit"],

@@ -1,0 +1,152 @@
+"""Train expert networks on real data and record their trajectories (``ld3m buffer``).
+
+An expert is a freshly initialised network trained for ``epochs`` epochs with plain SGD
+(``lr_teacher``, no momentum, no weight decay, batch 256) on DSA-augmented real minibatches
+(independent per-sample draws, not Siamese), MTT's teacher. Its flat parameters are recorded at
+initialisation and after every epoch; DATM additionally wants the final expert's logits on the
+training images. Each expert is one Lightning ``fit`` (progress bar, any accelerator), written as
+one shard of the format in :mod:`ld3m.trajectories` as soon as it is done, so an interrupted run
+resumes with the first missing expert. All randomness (initialisation, shuffling, augmentation)
+comes from generators seeded by ``seed`` and the expert's index.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ld3m.augment import DEFAULT_STRATEGY, DSA
+from ld3m.datamodules.real import RealDataModule
+from ld3m.networks import conv_backend, get_network, reset_parameters
+from ld3m.trajectories import (
+    ExpertTrajectory,
+    TrajectoryBuffer,
+    flatten_parameters,
+    parameter_layout,
+    shard_name,
+)
+
+log = logging.getLogger("ld3m")
+
+
+class Expert(L.LightningModule):
+    """One expert (teacher) network whose parameters are recorded after every epoch.
+
+    Args:
+        network: Network name (see :func:`ld3m.networks.get_network`).
+        channels: Input channels.
+        num_classes: Number of classes.
+        image_size: Input side length.
+        lr_teacher: SGD learning rate (no momentum, no weight decay).
+        dsa: DSA strategy of the training batches (independent draws); ``"none"`` disables it.
+        seed: Seed of the initialisation and the augmentation draws.
+    """
+
+    def __init__(self, network: str, channels: int, num_classes: int, image_size: int,
+                 lr_teacher: float = 0.01, dsa: str = DEFAULT_STRATEGY, seed: int = 0) -> None:
+        super().__init__()
+        if not lr_teacher > 0:
+            raise ValueError(f"lr_teacher must be positive, got {lr_teacher}")
+        self.lr_teacher = lr_teacher
+        self.net = reset_parameters(get_network(network, channels, num_classes, image_size),
+                                    torch.Generator().manual_seed(seed))
+        self.dsa = DSA(dsa) if dsa not in ("", "none") else None
+        self._generator = torch.Generator().manual_seed(seed + 1)
+        #: Flat parameters at initialisation and after every finished epoch (CPU).
+        self.snapshots: list[torch.Tensor] = [flatten_parameters(self.net)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.dsa is not None:
+            x = self.dsa(x, generator=self._generator)
+        loss = F.cross_entropy(self.net(x).float(), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.snapshots.append(flatten_parameters(self.net).cpu())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr_teacher, momentum=0.0, weight_decay=0.0)
+
+    @torch.no_grad()
+    def logits(self, loader: DataLoader) -> torch.Tensor:
+        """Logits of every image of ``loader`` (in its order), float32 on the CPU."""
+        self.net.eval()
+        with conv_backend(self.device):
+            out = [self.net(x.to(self.device)).float().cpu() for x, _ in loader]
+        self.net.train()
+        return torch.cat(out)
+
+
+def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, epochs: int = 50,
+                  network: str = "ConvNet", lr_teacher: float = 0.01, batch_size: int = 256,
+                  dsa: str = DEFAULT_STRATEGY, logits: bool = False, seed: int = 0,
+                  trainer_kwargs: dict | None = None) -> TrajectoryBuffer:
+    """Train ``experts`` experts (skipping those already in ``folder``) and return the buffer.
+
+    Args:
+        data: The real dataset.
+        folder: Where the shards go (created if needed).
+        experts: Number of experts in the finished buffer.
+        epochs: Training epochs of each expert (``epochs + 1`` snapshots).
+        network: Network name.
+        lr_teacher: SGD learning rate of the experts.
+        batch_size: Minibatch size.
+        dsa: DSA strategy of the training batches (``"none"``: no augmentation).
+        logits: Also store the final expert's logits on the training images (DATM).
+        seed: Base seed (expert ``i`` uses ``seed + 1000 * i``).
+        trainer_kwargs: Extra ``lightning.Trainer`` arguments (accelerator, precision,
+            limit_train_batches, ...).
+
+    Raises:
+        ValueError: on bad arguments, or if ``folder`` already holds experts of another setting.
+    """
+    if experts < 1 or epochs < 1 or batch_size < 1:
+        raise ValueError(f"experts, epochs and batch_size must be at least 1, got "
+                         f"{experts}, {epochs} and {batch_size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data.setup("fit")
+    c, h, w = data.image_shape
+    info = {"network": network, "dataset": data.dataset_name, "channels": c,
+            "num_classes": data.num_classes, "image_shape": [c, h, w], "epochs": epochs,
+            "lr_teacher": lr_teacher, "batch_size": batch_size, "dsa": dsa, "zca": False,
+            "params": parameter_layout(get_network(network, c, data.num_classes, h))}
+    if any(folder.glob("expert_*.safetensors")):
+        existing = TrajectoryBuffer(folder).info
+        different = {k: (existing.get(k), v) for k, v in info.items() if existing.get(k) != v}
+        if different:
+            raise ValueError(f"{folder} holds experts of another setting ({different}); "
+                             "use another folder")
+    train_set = data.train_split.dataset(data)
+    for index in range(experts):
+        path = folder / shard_name(index)
+        if path.exists():
+            continue
+        expert_seed = seed + 1000 * index
+        model = Expert(network, c, data.num_classes, h, lr_teacher=lr_teacher, dsa=dsa, seed=expert_seed)
+        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(expert_seed + 2))
+        kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                  "num_sanity_val_steps": 0, **(trainer_kwargs or {})}
+        trainer = L.Trainer(max_epochs=epochs, **kwargs)
+        trainer.fit(model, train_dataloaders=loader)
+        if len(model.snapshots) != epochs + 1:
+            raise RuntimeError(f"expert {index} stopped after {len(model.snapshots) - 1} of "
+                               f"{epochs} epochs; nothing was written for it")
+        final_logits = None
+        if logits:
+            final_logits = model.logits(DataLoader(train_set, batch_size=1024, shuffle=False))
+        ExpertTrajectory(torch.stack(model.snapshots), {**info, "expert": index, "seed": expert_seed},
+                         final_logits).save(path)
+        log.info("expert %d/%d written to %s", index + 1, experts, path)
+    return TrajectoryBuffer(folder)
