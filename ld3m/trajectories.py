@@ -184,6 +184,23 @@ class TrajectoryBuffer:
     def __getitem__(self, index: int) -> ExpertTrajectory:
         return ExpertTrajectory.load(self.paths[index])
 
+    def rows(self, index: int, epochs: list[int]) -> torch.Tensor:
+        """Flat parameters of expert ``index`` after each of ``epochs``, ``(len(epochs), P)``.
+
+        Reads just those rows from the shard (not the whole trajectory).
+        """
+        for epoch in epochs:
+            if not 0 <= epoch <= self.epochs:
+                raise ValueError(f"epoch must be in [0, {self.epochs}], got {epoch}")
+        path = self.paths[index]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                table = f.get_slice("trajectory")
+                return torch.stack([table[epoch] for epoch in epochs]).float()
+        except (SafetensorError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{path} is not a valid expert trajectory ({reason})") from None
+
     def sample(self, generator: torch.Generator) -> tuple[int, ExpertTrajectory]:
         """A random expert (its index and trajectory)."""
         index = int(torch.randint(len(self), (1,), generator=generator))

@@ -4,5 +4,6 @@ from ld3m.modules.base import DistillationModule
 from ld3m.modules.dc import DC, DSA
 from ld3m.modules.dd import DD
 from ld3m.modules.dm import DM
+from ld3m.modules.mtt import MTT
 
-__all__ = ["DC", "DD", "DM", "DSA", "DistillationModule"]
+__all__ = ["DC", "DD", "DM", "DSA", "DistillationModule", "MTT"]

@@ -91,6 +91,9 @@ def test_buffer_reads_lazily_and_checks_consistency(tmp_path: Path) -> None:
     buffer = TrajectoryBuffer(tmp_path)
     assert len(buffer) == 3 and buffer.epochs == 2
     assert torch.equal(buffer[1].trajectory, _expert(1).trajectory)
+    assert torch.equal(buffer.rows(2, [2, 0]), _expert(2).trajectory[[2, 0]])
+    with pytest.raises(ValueError, match="epoch must be"):
+        buffer.rows(0, [3])
     draws = [buffer.sample(torch.Generator().manual_seed(5))[0] for _ in range(2)]
     assert draws[0] == draws[1]
     _expert(3, lr_teacher=0.02).save(tmp_path / shard_name(3))

@@ -1,0 +1,167 @@
+"""Tests for MTT: the parameter-matching loss and its two gradient modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from ld3m.modules import MTT
+from ld3m.modules.mtt import _free_memory
+
+from ld3m.networks import get_network, reset_parameters
+from ld3m.trajectories import ExpertTrajectory, flatten_parameters, parameter_layout, shard_name
+
+NET = "ConvNetW32"
+TINY = (3, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_buffer(folder: Path, experts: int = 2, epochs: int = 4, network: str = NET,
+                 shape=TINY, classes: int = 3, dataset: str = "Tiny") -> Path:
+    """Stand-in experts: random walks from seeded initialisations (no real training needed)."""
+    for index in range(experts):
+        net = reset_parameters(get_network(network, shape[0], classes, shape[1]),
+                               torch.Generator().manual_seed(index))
+        g = torch.Generator().manual_seed(100 + index)
+        rows = [flatten_parameters(net)]
+        for _ in range(epochs):
+            rows.append(rows[-1] + 0.01 * torch.randn(rows[-1].shape, generator=g))
+        info = {"expert": index, "network": network, "dataset": dataset, "channels": shape[0],
+                "num_classes": classes, "image_shape": list(shape), "epochs": epochs,
+                "lr_teacher": 0.01, "batch_size": 256, "dsa": "none", "zca": False,
+                "seed": index, "params": parameter_layout(net)}
+        ExpertTrajectory(torch.stack(rows), info).save(folder / shard_name(index))
+    return folder
+
+
+def _model(buffer: Path, **kwargs) -> MTT:
+    args = {"ipc": 2, "syn_steps": 3, "expert_epochs": 2, "max_start_epoch": 2,
+            "num_classes": 3, "image_shape": TINY, "init": "noise"}
+    return MTT(str(buffer), **{**args, **kwargs})
+
+
+@pytest.mark.parametrize("gradient", ["unroll", "recompute"])
+def test_loss_is_exactly_one_when_the_student_does_not_move(tmp_path: Path, gradient: str) -> None:
+    model = _model(write_buffer(tmp_path), gradient=gradient)
+    with torch.no_grad():
+        model.syn_lr.zero_()
+    start, target = model.draw_expert(torch.Generator().manual_seed(0))
+    loss = model.matching_loss(start, target, torch.Generator().manual_seed(1))
+    assert loss.item() == 1.0
+
+
+def _gradients(model: MTT, gradient: str, seed: int = 3):
+    model.images.grad = None
+    model.syn_lr.grad = None
+    start, target = model.draw_expert(torch.Generator().manual_seed(seed))
+    loss = model.matching_loss(start, target, torch.Generator().manual_seed(seed + 1), gradient=gradient)
+    loss.backward()
+    return loss.detach(), model.images.grad.clone(), model.syn_lr.grad.clone()
+
+
+@pytest.mark.parametrize("dsa", ["none", "color_crop_cutout_flip_scale_rotate"])
+@pytest.mark.parametrize("batch_syn", [None, 4])
+def test_recompute_gives_the_unrolled_gradient(tmp_path: Path, dsa: str, batch_syn) -> None:
+    model = _model(write_buffer(tmp_path), dsa=dsa, batch_syn=batch_syn, syn_steps=4)
+    with torch.no_grad():
+        model.syn_lr.fill_(0.05)  # large enough that the second-order terms matter
+    loss_u, images_u, lr_u = _gradients(model, "unroll")
+    loss_r, images_r, lr_r = _gradients(model, "recompute")
+    assert torch.allclose(loss_u, loss_r, rtol=1e-5)
+    assert images_u.abs().sum() > 0 and lr_u.abs() > 0
+    # float32 round-off differs between the two orders of summation: compare relative norms
+    relative = ((images_r - images_u).norm() / images_u.norm()).item()
+    assert relative < 1e-4, relative
+    assert torch.allclose(lr_r, lr_u, rtol=1e-4)
+
+
+def test_first_order_sweep_would_differ(tmp_path: Path) -> None:
+    """The recompute sweep's Hessian term matters: dropping it changes the gradient (so the
+    equality above is not vacuous)."""
+    model = _model(write_buffer(tmp_path), dsa="none", syn_steps=4)
+    with torch.no_grad():
+        model.syn_lr.fill_(0.05)
+    _, images_u, _ = _gradients(model, "unroll")
+    # first order: every step's gradient taken at the detached parameters of the *start*
+    start, target = model.draw_expert(torch.Generator().manual_seed(3))
+    labels, batches = model.plan(torch.Generator().manual_seed(4))
+    student = model.student()
+    theta = start.clone()
+    model.images.grad = None
+    total = 0
+    for index, _ in batches:
+        leaf = theta.detach().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(student(leaf, model.images[index]), labels[index])
+        g = torch.autograd.grad(loss, leaf, create_graph=True)[0]
+        total = total + g
+        theta = theta - model.syn_lr.detach() * g.detach()
+    final = start - model.syn_lr * total
+    (((final - target) ** 2).sum() / ((start - target) ** 2).sum()).backward()
+    relative = ((model.images.grad - images_u).norm() / images_u.norm()).item()
+    assert relative > 1e-3, relative
+
+
+def test_auto_mode_follows_the_memory_estimate(tmp_path: Path, monkeypatch) -> None:
+    model = _model(write_buffer(tmp_path))
+    need = model.estimate_unroll_bytes()
+    assert need > 0
+    more = _model(write_buffer(tmp_path), syn_steps=6)
+    assert more.estimate_unroll_bytes() == pytest.approx(2 * need)
+    monkeypatch.setattr("ld3m.modules.mtt._free_memory", lambda device: 100 * need)
+    assert model.resolved_gradient() == "unroll"
+    monkeypatch.setattr("ld3m.modules.mtt._free_memory", lambda device: need)
+    assert _model(write_buffer(tmp_path)).resolved_gradient() == "recompute"
+    assert _free_memory(torch.device("cpu")) > 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"syn_steps": 0}, "syn_steps"),
+    ({"max_start_epoch": 0}, "max_start_epoch"),
+    ({"min_start_epoch": 3, "max_start_epoch": 2}, "min_start_epoch"),
+    ({"lr_lr": 0.0}, "lr_lr"),
+    ({"batch_syn": 0}, "batch_syn"),
+    ({"gradient": "tesla"}, "gradient"),
+])
+def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _model(tmp_path, **kwargs)
+
+
+def test_missing_buffer_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="ld3m buffer"):
+        _model(tmp_path / "nothing").buffer  # noqa: B018
+
+
+def test_fit_checks_the_buffer_against_the_data(tmp_path: Path, fmnist) -> None:
+    wrong = write_buffer(tmp_path / "tiny")  # 3 classes of 3x16x16: not Fashion-MNIST
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="was trained on Tiny"):
+        trainer.fit(MTT(str(wrong), ipc=1), datamodule=fmnist)
+    short = write_buffer(tmp_path / "short", epochs=3, shape=(1, 28, 28), classes=10,
+                         dataset="FashionMNIST")
+    with pytest.raises(ValueError, match="needs experts of at least"):
+        trainer.fit(MTT(str(short), ipc=1, max_start_epoch=3, expert_epochs=2), datamodule=fmnist)
+
+
+def test_a_few_steps_train_images_and_lr(tmp_path: Path, fmnist) -> None:
+    buffer = write_buffer(tmp_path / "b", epochs=4, shape=(1, 28, 28), classes=10,
+                          dataset="FashionMNIST")
+    model = MTT(str(buffer), ipc=1, syn_steps=2, max_start_epoch=2, lr_lr=1e-3, gradient="recompute")
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=fmnist)
+    first = fmnist.sample_per_class(1, torch.Generator().manual_seed(0)).flatten(0, 1)
+    assert not torch.equal(model.images.detach(), first)
+    assert model.syn_lr.item() != 0.01
+    synthetic = model.synthetic_set()
+    assert synthetic.lr.item() == pytest.approx(model.syn_lr.item())
