@@ -1,9 +1,10 @@
 """One LightningModule per distillation method: ``from ld3m.modules import DM``."""
 
 from ld3m.modules.base import DistillationModule
+from ld3m.modules.datm import DATM
 from ld3m.modules.dc import DC, DSA
 from ld3m.modules.dd import DD
 from ld3m.modules.dm import DM
 from ld3m.modules.mtt import MTT
 
-__all__ = ["DC", "DD", "DM", "DSA", "DistillationModule", "MTT"]
+__all__ = ["DATM", "DC", "DD", "DM", "DSA", "DistillationModule", "MTT"]

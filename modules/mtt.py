@@ -78,8 +78,7 @@ class _RecomputedStudent(torch.autograd.Function):
     """The MTT loss with the constant-activation-memory backward sweep (see the module notes)."""
 
     @staticmethod
-    def forward(ctx, images, syn_lr, student, start, target, plan, augment):  # noqa: D102
-        labels_of, batches = plan
+    def forward(ctx, images, syn_lr, targets, student, start, target, batches, augment):  # noqa: D102
         theta = start
         thetas = [theta]
         for index, params in batches:
@@ -87,36 +86,40 @@ class _RecomputedStudent(torch.autograd.Function):
             x = augment.apply(x, params) if augment is not None else x
             with torch.enable_grad():
                 leaf = theta.detach().requires_grad_()
-                g = _step_gradient(student, leaf, x, labels_of[index], create_graph=False)
+                g = _step_gradient(student, leaf, x, targets[index], create_graph=False)
             theta = theta - syn_lr * g
             thetas.append(theta)
         denominator = ((start - target) ** 2).sum()
-        ctx.save_for_backward(images, syn_lr, target, denominator, *thetas)
-        ctx.student, ctx.plan, ctx.augment = student, plan, augment
+        ctx.save_for_backward(images, syn_lr, targets, target, denominator, *thetas)
+        ctx.student, ctx.batches, ctx.augment = student, batches, augment
         return ((theta - target) ** 2).sum() / denominator
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        images, syn_lr, target, denominator, *thetas = ctx.saved_tensors
-        labels_of, batches = ctx.plan
+        images, syn_lr, targets, target, denominator, *thetas = ctx.saved_tensors
+        soft = targets.is_floating_point()  # soft labels get a gradient too (DATM)
         lam = grad_output * 2 * (thetas[-1] - target) / denominator  # dL/dtheta_N
         d_images = torch.zeros_like(images)
+        d_targets = torch.zeros_like(targets) if soft else None
         d_lr = torch.zeros_like(syn_lr)
-        for i in range(len(batches) - 1, -1, -1):
-            index, params = batches[i]
+        for i in range(len(ctx.batches) - 1, -1, -1):
+            index, params = ctx.batches[i]
             with torch.enable_grad():
                 theta = thetas[i].detach().requires_grad_()
                 source = images.detach().requires_grad_()
+                labels = targets.detach().requires_grad_(soft)
                 x = source[index]
                 x = ctx.augment.apply(x, params) if ctx.augment is not None else x
-                g = _step_gradient(ctx.student, theta, x, labels_of[index], create_graph=True)
-                d_theta, d_source = torch.autograd.grad((g * lam).sum(), (theta, source),
-                                                        allow_unused=True)
+                g = _step_gradient(ctx.student, theta, x, labels[index], create_graph=True)
+                inputs = (theta, source, labels) if soft else (theta, source)
+                grads = torch.autograd.grad((g * lam).sum(), inputs, allow_unused=True)
             d_lr = d_lr - (g.detach() * lam).sum()
-            if d_source is not None:
-                d_images = d_images - syn_lr * d_source
-            lam = lam - syn_lr * d_theta
-        return d_images, d_lr, None, None, None, None, None
+            if grads[1] is not None:
+                d_images = d_images - syn_lr * grads[1]
+            if soft and grads[2] is not None:
+                d_targets = d_targets - syn_lr * grads[2]
+            lam = lam - syn_lr * grads[0]
+        return d_images, d_lr, d_targets, None, None, None, None, None
 
 
 class MTT(DistillationModule):
@@ -210,7 +213,11 @@ class MTT(DistillationModule):
         return student
 
     # ------------------------------------------------------------------------------ the loss
-    def plan(self, generator: torch.Generator) -> tuple[torch.Tensor, list[tuple[torch.Tensor, DSAParams | None]]]:
+    def student_targets(self) -> torch.Tensor:
+        """What the student's cross-entropy aims at: hard labels here (DATM: soft labels)."""
+        return self.labels
+
+    def plan(self, generator: torch.Generator) -> list[tuple[torch.Tensor, DSAParams | None]]:
         """The minibatch indices and DSA parameters of every student step (replayable)."""
         n = self.images.shape[0]
         size = n if self.batch_syn is None else min(self.batch_syn, n)
@@ -220,7 +227,7 @@ class MTT(DistillationModule):
             params = (self.dsa.sample(size, self.image_shape[1:], generator).to(self.device)
                       if self.dsa is not None else None)
             batches.append((index.to(self.device), params))
-        return self.labels, batches
+        return batches
 
     def _augment(self, x: torch.Tensor, params: DSAParams | None) -> torch.Tensor:
         return self.dsa.apply(x, params) if params is not None else x
@@ -230,18 +237,19 @@ class MTT(DistillationModule):
         """The normalised parameter-matching loss from ``start`` towards ``target`` (flat)."""
         gradient = gradient or self.resolved_gradient()
         student = self.student()
-        labels, batches = self.plan(generator)
+        batches = self.plan(generator)
         with torch.autocast(self.device.type, enabled=False):
             images = self.images.float()
             syn_lr = self.syn_lr.float()
+            targets = self.student_targets()
+            targets = targets.float() if targets.is_floating_point() else targets
             if gradient == "recompute":
-                augment = self.dsa if self.dsa is not None else None
-                return _RecomputedStudent.apply(images, syn_lr, student, start, target,
-                                                (labels, batches), augment)
+                return _RecomputedStudent.apply(images, syn_lr, targets, student, start, target,
+                                                batches, self.dsa)
             theta = start.detach().requires_grad_()
             for index, params in batches:
                 x = self._augment(images[index], params)
-                g = _step_gradient(student, theta, x, labels[index], create_graph=True)
+                g = _step_gradient(student, theta, x, targets[index], create_graph=True)
                 theta = theta - syn_lr * g
             return ((theta - target) ** 2).sum() / ((start - target) ** 2).sum()
 
@@ -277,10 +285,15 @@ class MTT(DistillationModule):
         return float(self.syn_steps * per_step)
 
     # ------------------------------------------------------------------------------ training
+    def start_epoch_range(self) -> tuple[int, int]:
+        """``[low, high)`` of the start epochs drawn now (DATM narrows ``high``)."""
+        return self.min_start_epoch, self.max_start_epoch
+
     def draw_expert(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta*_t, theta*_{t+M})`` of a random expert and start epoch, on the device."""
         index = int(torch.randint(len(self.buffer), (1,), generator=generator))
-        start = int(torch.randint(self.min_start_epoch, self.max_start_epoch, (1,), generator=generator))
+        low, high = self.start_epoch_range()
+        start = int(torch.randint(low, high, (1,), generator=generator))
         rows = self.buffer.rows(index, [start, start + self.expert_epochs]).to(self.device)
         return rows[0], rows[1]
 

@@ -93,7 +93,8 @@ def test_first_order_sweep_would_differ(tmp_path: Path) -> None:
     _, images_u, _ = _gradients(model, "unroll")
     # first order: every step's gradient taken at the detached parameters of the *start*
     start, target = model.draw_expert(torch.Generator().manual_seed(3))
-    labels, batches = model.plan(torch.Generator().manual_seed(4))
+    batches = model.plan(torch.Generator().manual_seed(4))
+    labels = model.labels
     student = model.student()
     theta = start.clone()
     model.images.grad = None

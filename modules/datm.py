@@ -1,0 +1,174 @@
+"""DATM: difficulty-aligned trajectory matching (Guo et al., ICLR 2024).
+
+MTT (see :mod:`ld3m.modules.mtt`) plus:
+
+1. *Sequential generation*: start epochs come from ``[min_start_epoch, upper)`` where ``upper``
+   grows linearly from ``current_max_start_epoch`` to ``max_start_epoch`` over
+   ``expansion_end`` steps (the :class:`ld3m.callbacks.StartEpochSchedule` callback, added by
+   :meth:`DATM.configure_callbacks`; ``current_max_start_epoch=None`` switches it off);
+2. *soft labels*: one learnable logit vector per synthetic image, initialised to the logits an
+   expert gives that image; the student's steps use the soft cross-entropy against their
+   softmax, and the logits are trained too (SGD ``lr_y``, momentum 0.9);
+3. images start from real images that the expert classifies correctly;
+4. a step whose matching loss exceeds ``threshold`` is skipped (on every rank).
+
+The expert logits are the buffer's stored ones (``ld3m buffer --logits true``) of expert 0;
+when the buffer has none they are computed with expert 0's final parameters. The exported
+set carries the soft labels, which ``ld3m evaluate`` trains against.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ld3m.callbacks.datm import StartEpochSchedule
+from ld3m.modules.mtt import MTT
+from torch import nn
+
+from ld3m.augment import DEFAULT_STRATEGY
+from ld3m.networks import conv_backend
+
+log = logging.getLogger("ld3m")
+
+
+class DATM(MTT):
+    """Difficulty-aligned trajectory matching with learnable soft labels.
+
+    Args:
+        buffer: Folder of expert trajectories (``ld3m buffer``, ideally with ``--logits true``).
+        ipc: Synthetic images per class.
+        init: Must be ``"real"`` (correctly classified real images).
+        syn_steps: Student SGD steps per iteration.
+        expert_epochs: Expert epochs the student must cover.
+        max_start_epoch: Final upper bound of the start epochs.
+        min_start_epoch: Lower bound of the start epochs.
+        current_max_start_epoch: Upper bound at step 0 (``None``: no sequential generation).
+        expansion_end: Steps over which the upper bound grows to ``max_start_epoch``.
+        lr_img: SGD learning rate of the images.
+        lr_lr: SGD learning rate of the student's learnable lr.
+        lr_teacher: Initial student learning rate.
+        lr_y: SGD learning rate (momentum 0.9) of the soft labels' logits.
+        momentum: Momentum of the images' and the lr's SGD.
+        batch_syn: Synthetic images per student step (default: all).
+        dsa: DSA strategy of the student's minibatches; ``"none"`` disables it.
+        gradient: ``unroll``, ``recompute`` or ``auto`` (see MTT).
+        threshold: Skip the update when the matching loss exceeds this.
+        seed: Seed of every draw.
+        num_classes: Number of classes (default: from the data module).
+        image_shape: ``(C, H, W)`` (default: from the data module).
+    """
+
+    method_name = "DATM"
+
+    def __init__(self, buffer: str, ipc: int = 10, init: str = "real", syn_steps: int = 80,
+                 expert_epochs: int = 2, max_start_epoch: int = 20, min_start_epoch: int = 0,
+                 current_max_start_epoch: int | None = 10, expansion_end: int = 3000,
+                 lr_img: float = 100.0, lr_lr: float = 1e-5, lr_teacher: float = 0.01,
+                 lr_y: float = 2.0, momentum: float = 0.5, batch_syn: int | None = None,
+                 dsa: str = DEFAULT_STRATEGY, gradient: str = "auto", threshold: float = 1.0,
+                 seed: int = 0, num_classes: int | None = None,
+                 image_shape: tuple[int, int, int] | None = None) -> None:
+        if init != "real":
+            raise ValueError("DATM starts from correctly classified real images: init must be 'real'")
+        if not lr_y > 0:
+            raise ValueError(f"lr_y must be positive, got {lr_y}")
+        if not threshold > 0:
+            raise ValueError(f"threshold must be positive, got {threshold}")
+        if current_max_start_epoch is not None and not (
+                min_start_epoch < current_max_start_epoch <= max_start_epoch):
+            raise ValueError(f"need min_start_epoch < current_max_start_epoch <= max_start_epoch, "
+                             f"got {min_start_epoch}, {current_max_start_epoch}, {max_start_epoch}")
+        self.soft_labels: nn.Parameter | None = None
+        super().__init__(buffer=buffer, ipc=ipc, init=init, syn_steps=syn_steps,
+                         expert_epochs=expert_epochs, max_start_epoch=max_start_epoch,
+                         min_start_epoch=min_start_epoch, lr_img=lr_img, lr_lr=lr_lr,
+                         lr_teacher=lr_teacher, momentum=momentum, batch_syn=batch_syn, dsa=dsa,
+                         gradient=gradient, seed=seed, num_classes=num_classes,
+                         image_shape=image_shape)
+        self.save_hyperparameters()
+        self.current_max_start_epoch = current_max_start_epoch
+        self.expansion_end = expansion_end
+        self.lr_y = lr_y
+        self.threshold = threshold
+        #: The current upper bound of the start epochs (moved by StartEpochSchedule).
+        self.upper_start_epoch = current_max_start_epoch or max_start_epoch
+
+    def _allocate(self, num_classes: int, image_shape: tuple[int, ...]) -> None:
+        super()._allocate(num_classes, image_shape)
+        self.soft_labels = nn.Parameter(torch.zeros(num_classes * self.ipc, num_classes))
+
+    def configure_callbacks(self):
+        if self.current_max_start_epoch is None:
+            return []
+        return [StartEpochSchedule(self.current_max_start_epoch, self.max_start_epoch,
+                                   self.expansion_end)]
+
+    def start_epoch_range(self) -> tuple[int, int]:
+        return self.min_start_epoch, max(self.min_start_epoch + 1, self.upper_start_epoch)
+
+    # ------------------------------------------------------------------------------ init
+    def expert_logits(self, dm) -> torch.Tensor:
+        """Expert 0's logits on the training images (stored in the buffer, else computed)."""
+        expert = self.buffer[0]
+        if expert.logits is not None:
+            if expert.logits.shape[0] != len(dm.train_split):
+                raise ValueError(f"the buffer's logits cover {expert.logits.shape[0]} images, the "
+                                 f"training set has {len(dm.train_split)}")
+            return expert.logits
+        log.info("DATM: the buffer has no logits (ld3m buffer --logits true); computing them")
+        net = self.build_network(self.buffer.info["network"])
+        net.load_state_dict(expert.parameters_at(expert.epochs), strict=False)
+        net.eval()
+        loader = torch.utils.data.DataLoader(dm.train_split.dataset(dm), batch_size=1024)
+        with torch.no_grad(), conv_backend(torch.device("cpu")):
+            return torch.cat([net(x).float() for x, _ in loader])
+
+    def initialise(self, dm) -> None:
+        """Correctly classified real images of every class, and their expert logits."""
+        logits = self.expert_logits(dm)
+        labels = dm.train_split.labels
+        correct = logits.argmax(1) == labels
+        generator = torch.Generator().manual_seed(self.seed)
+        picks = []
+        for c in range(self.num_classes):
+            members = torch.nonzero((labels == c) & correct).flatten()
+            if len(members) < self.ipc:
+                raise ValueError(f"the expert classifies only {len(members)} training images of "
+                                 f"class {c} correctly; DATM needs ipc={self.ipc}")
+            picks.append(members[torch.randperm(len(members), generator=generator)[:self.ipc]])
+        index = torch.cat(picks)
+        with torch.no_grad():
+            self.images.copy_(dm.train_split.images(index, dm))
+            self.soft_labels.copy_(logits[index])
+
+    # ------------------------------------------------------------------------------ training
+    def student_targets(self) -> torch.Tensor:
+        return F.softmax(self.soft_labels.float(), dim=1)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        generator = self.step_generator()
+        start, target = self.draw_expert(generator)
+        loss = self.check_finite(self.matching_loss(start, target, generator))
+        self.log("loss", loss.detach(), prog_bar=True)
+        self.log("syn_lr", self.syn_lr.detach())
+        self.log("upper_start_epoch", float(self.upper_start_epoch))
+        # every rank must agree on skipping, or DDP would wait for missing gradients
+        over = torch.tensor(float(loss.detach() > self.threshold), device=self.device)
+        if self._trainer is not None:
+            over = self.trainer.strategy.reduce(over, reduce_op="max")
+        if over.item() > 0:
+            self.log("skipped", 1.0)
+            return None
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([{"params": [self.images], "lr": self.lr_img},
+                                {"params": [self.syn_lr], "lr": self.lr_lr},
+                                {"params": [self.soft_labels], "lr": self.lr_y, "momentum": 0.9}],
+                               lr=self.lr_img, momentum=self.momentum)
+
+    def export_extra(self) -> dict[str, Any]:
+        return {**super().export_extra(), "soft_labels": self.soft_labels.detach().float().cpu().clone()}
