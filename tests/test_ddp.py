@@ -57,8 +57,11 @@ SCRIPT = textwrap.dedent(
         trainer.fit(model, datamodule=data)
         assert trainer.world_size == 2 and trainer.global_step == 2
         torch.save(model.images.detach(), f"{out}/rank{trainer.global_rank}.pt")
-        if hasattr(model, "raw_lrs"):
-            torch.save(model.raw_lrs.detach(), f"{out}/lrs{trainer.global_rank}.pt")
+        lrs = getattr(model, "raw_lrs", getattr(model, "syn_lr", None))
+        if lrs is not None:
+            torch.save(lrs.detach(), f"{out}/lrs{trainer.global_rank}.pt")
+        if getattr(model, "soft_labels", None) is not None:
+            torch.save(model.soft_labels.detach(), f"{out}/soft{trainer.global_rank}.pt")
 
 
     if __name__ == "__main__":
@@ -84,12 +87,30 @@ DSA_ALL = "color_crop_cutout_flip_scale_rotate"
         ("DD", {"ipc": 2, "network": "ConvNetW32", "init_mode": "random_pretrained",
                 "pretrained_nets": 2, "pretrain_steps": 2}, 4, "32-true"),
         ("DD", {"ipc": 1, "network": "ConvNetD1"}, 2, "bf16-mixed"),
+        # trajectory matching against a stand-in buffer ("buffer" is filled in below)
+        ("MTT", {"ipc": 1, "syn_steps": 2, "max_start_epoch": 2, "gradient": "recompute"}, 1, "32-true"),
+        ("MTT", {"ipc": 1, "syn_steps": 2, "max_start_epoch": 2, "gradient": "unroll"}, 1, "bf16-mixed"),
+        ("DATM", {"ipc": 1, "syn_steps": 2, "max_start_epoch": 3, "current_max_start_epoch": 1,
+                  "expansion_end": 2, "threshold": 100.0}, 1, "32-true"),
     ],
     ids=["DM-fp32", "DM-bf16-mixed", "DC-fp32", "DSA-fp32", "DSA-bf16-mixed", "DD-fp32",
-         "DD-bf16-mixed"],
+         "DD-bf16-mixed", "MTT-fp32", "MTT-bf16-mixed", "DATM-fp32"],
 )
 def test_ddp_ranks_agree(data_dir: Path, tmp_path: Path, method: str, kwargs: dict,
                          batch_per_class: int, precision: str) -> None:
+    if method == "MTT":
+        from test_mtt import write_buffer
+
+        folder = write_buffer(tmp_path / "buffer", experts=3, epochs=5, network="ConvNetD1",
+                              shape=(1, 28, 28), classes=10, dataset="FashionMNIST")
+        kwargs = {**kwargs, "buffer": str(folder)}
+    elif method == "DATM":  # stand-in experts whose stored logits mostly get the class right
+        from ld3m.datamodules import FashionMNIST
+        from test_datm import _fmnist_buffer
+
+        data = FashionMNIST(data_dir=str(data_dir))
+        data.setup("fit")
+        kwargs = {**kwargs, "buffer": str(_fmnist_buffer(tmp_path / "buffer", data))}
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out"
@@ -118,8 +139,10 @@ def test_ddp_ranks_agree(data_dir: Path, tmp_path: Path, method: str, kwargs: di
     assert torch.isfinite(final0).all()
     assert torch.equal(final0, final1), "the ranks' images diverged: gradients were not synced"
     assert not torch.equal(final0, init0), "no training happened"
-    if method == "DD":
+    if method in ("DD", "MTT", "DATM"):
         lrs0, lrs1 = load("lrs0.pt"), load("lrs1.pt")
         assert torch.equal(lrs0, lrs1), "the ranks' learning rates diverged"
+        if method == "DATM":
+            assert torch.equal(load("soft0.pt"), load("soft1.pt")), "the soft labels diverged"
         if kwargs.get("init_mode") == "random_pretrained":
             assert (out / "dd_pretrained.pt").is_file(), "the pool was not saved"
