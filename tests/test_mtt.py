@@ -166,3 +166,33 @@ def test_a_few_steps_train_images_and_lr(tmp_path: Path, fmnist) -> None:
     assert model.syn_lr.item() != 0.01
     synthetic = model.synthetic_set()
     assert synthetic.lr.item() == pytest.approx(model.syn_lr.item())
+
+
+CONFIG_DIR = Path(__file__).parent.parent / "ld3m" / "configs"
+
+
+@pytest.mark.parametrize("method", ["mtt", "datm"])
+def test_recipes_follow_the_published_cifar10_settings(method: str) -> None:
+    import yaml
+
+    expected = {  # syn_steps, max_start_epoch, lr_img, lr_lr by IPC (METHODS.md)
+        "mtt": {1: (50, 2, 100, 1e-7), 10: (30, 20, 100, 1e-5), 50: (30, 40, 1000, 1e-5)},
+        "datm": {1: (80, 4, 100, 1e-7), 10: (80, 20, 100, 1e-5), 50: (80, 40, 1000, 1e-5)},
+    }[method]
+    for data in ("cifar10", "fashionmnist"):
+        for ipc, values in expected.items():
+            recipe = yaml.safe_load((CONFIG_DIR / f"{method}_{data}_ipc{ipc}.yaml").read_text())
+            args = recipe["model"]["init_args"]
+            assert recipe["model"]["class_path"] == f"ld3m.modules.{method.upper()}"
+            assert (args["syn_steps"], args["max_start_epoch"], args["lr_img"], args["lr_lr"]) == values
+            assert recipe["trainer"]["max_steps"] == (5000 if method == "mtt" else 10000)
+
+
+def test_recipe_parses_through_the_cli(capsys) -> None:
+    from ld3m.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(CONFIG_DIR / "datm_cifar10_ipc10.yaml"), "--print_config"])
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: ld3m.modules.DATM" in out and "current_max_start_epoch: 10" in out
