@@ -17,12 +17,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ld3m.augment import DEFAULT_STRATEGY, DSA
+from ld3m.augment import DEFAULT_STRATEGY
 from ld3m.datamodules.real import RealDataModule
-from ld3m.networks import conv_backend, get_network, reset_parameters
+from ld3m.evaluation import Classifier
+from ld3m.networks import conv_backend, get_network
 from ld3m.trajectories import (
     ExpertTrajectory,
     TrajectoryBuffer,
@@ -34,8 +34,12 @@ from ld3m.trajectories import (
 log = logging.getLogger("ld3m")
 
 
-class Expert(L.LightningModule):
+class Expert(Classifier):
     """One expert (teacher) network whose parameters are recorded after every epoch.
+
+    The evaluation protocol's :class:`ld3m.evaluation.Classifier` (seeded initialisation,
+    independent DSA draws) with MTT's teacher optimiser: plain SGD, no momentum, no weight
+    decay, no schedule.
 
     Args:
         network: Network name (see :func:`ld3m.networks.get_network`).
@@ -49,33 +53,18 @@ class Expert(L.LightningModule):
 
     def __init__(self, network: str, channels: int, num_classes: int, image_size: int,
                  lr_teacher: float = 0.01, dsa: str = DEFAULT_STRATEGY, seed: int = 0) -> None:
-        super().__init__()
         if not lr_teacher > 0:
             raise ValueError(f"lr_teacher must be positive, got {lr_teacher}")
-        self.lr_teacher = lr_teacher
-        self.net = reset_parameters(get_network(network, channels, num_classes, image_size),
-                                    torch.Generator().manual_seed(seed))
-        self.dsa = DSA(dsa) if dsa not in ("", "none") else None
-        self._generator = torch.Generator().manual_seed(seed + 1)
+        super().__init__(network, channels, num_classes, image_size, lr=lr_teacher, epochs=1,
+                         momentum=0.0, weight_decay=0.0, dsa=dsa, seed=seed)
         #: Flat parameters at initialisation and after every finished epoch (CPU).
         self.snapshots: list[torch.Tensor] = [flatten_parameters(self.net)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        if self.dsa is not None:
-            x = self.dsa(x, generator=self._generator)
-        loss = F.cross_entropy(self.net(x).float(), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
 
     def on_train_epoch_end(self) -> None:
         self.snapshots.append(flatten_parameters(self.net).cpu())
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr_teacher, momentum=0.0, weight_decay=0.0)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.0, weight_decay=0.0)
 
     @torch.no_grad()
     def logits(self, loader: DataLoader) -> torch.Tensor:

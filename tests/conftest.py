@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from ld3m.datamodules import FashionMNIST
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -49,6 +50,16 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop("LD3M_DATA_DIR", None)
         else:
             os.environ["LD3M_DATA_DIR"] = previous
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads that compete with other
+    processes make small kernels 10x slower, and the timings erratic."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

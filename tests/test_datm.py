@@ -16,13 +16,7 @@ from test_mtt import write_buffer
 
 from ld3m.trajectories import ExpertTrajectory, TrajectoryBuffer, shard_name
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedule_grows_linearly_then_stays() -> None:

@@ -27,14 +27,7 @@ SMALL_NET = "ConvNetW32"  # ConvNet-3 with 32 channels
 TINY = (3, 16, 16)  # images for the tests that need no real data: cheap, and padding 1 everywhere
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads that compete with other
-    processes make these small kernels 10x slower, and the timings erratic."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(cls=DC, **kwargs) -> DC:

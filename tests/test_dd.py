@@ -27,13 +27,7 @@ TINY = (3, 16, 16)
 TEST_IMAGES = 2000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: small kernels on a shared 2-core machine (see test_dc.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kwargs) -> DD:

@@ -17,12 +17,7 @@ NET = "ConvNetW32"
 TINY = (3, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_buffer(folder: Path, experts: int = 2, epochs: int = 4, network: str = NET,
