@@ -88,15 +88,19 @@ def main() -> None:
             if not report.exists():
                 cmd = [sys.executable, "-m", "ld3m.cli", "evaluate", "--distilled", str(distilled),
                        "--runs", str(budget["runs"]), "--dsa", budget["dsa"], "--output", str(report),
-                       # the random-real baseline once per IPC (with the first method)
-                       "--baseline", str(method == args.methods[0]).lower()]
+                       # the random-real baseline once per IPC (with the first method), and
+                       # for DD, whose protocol (its learned steps) differs from the others'
+                       "--baseline", str(method in (args.methods[0], "DD")).lower()]
                 if budget["epochs"]:
                     cmd += ["--epochs", str(budget["epochs"])]
                 run(cmd, log)
             data = json.loads(report.read_text())
             for result in data["results"]:
                 is_random = result["set"].startswith("random")
-                rows.append((method, ipc, result["set"], data["settings"],
+                name = result["set"]
+                if is_random and data["settings"].get("protocol") == "dd":
+                    name += ", DD protocol"
+                rows.append((method, ipc, name, data["settings"],
                              100 * result["mean"], 100 * result["std"], budget,
                              None if is_random else fit_seconds,
                              None if is_random else PUBLISHED.get((method, ipc))))

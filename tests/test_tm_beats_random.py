@@ -54,5 +54,5 @@ def test_short_trajectory_matching_run_beats_random_real_images(setting, method)
     acc = _accuracy(distilled, data, runs=2)
     assert acc > max(random_accs), (acc, random_accs)
     if method is DATM:
-        assert distilled.soft_labels is not None
-        assert not torch.equal(distilled.soft_labels.argmax(1), torch.zeros(10, dtype=torch.long))
+        # soft labels are exported and still name each image's class
+        assert torch.equal(distilled.soft_labels.argmax(1), distilled.labels)
