@@ -148,22 +148,54 @@ def buffer_main(argv: list[str]) -> int:
     parser.add_argument("--limit_train_batches", type=int | float | None, default=None,
                         help="batches per epoch (default: the whole training set)")
     parser.add_argument("--progress_bar", type=bool, default=True)
+    parser.add_argument("--rank", type=int | None, default=None,
+                        help="this process's share of the experts (default: $RANK or "
+                             "$SLURM_PROCID, else 0)")
+    parser.add_argument("--world_size", type=int | None, default=None,
+                        help="processes sharing the experts (default: $WORLD_SIZE or "
+                             "$SLURM_NTASKS, else 1)")
     args = parser.parse_args(argv)
+    rank, world_size = _launcher_rank(args.rank, args.world_size)
     if args.data not in DATASETS:
         raise ValueError(f"unknown dataset {args.data!r}; choose one of: {', '.join(DATASETS)}")
     data: RealDataModule = DATASETS[args.data](data_dir=args.data_dir)
     folder = args.folder or f"runs/buffer/{args.data.lower()}_{args.network.lower()}"
     trainer_kwargs = {"accelerator": args.accelerator, "devices": 1, "precision": args.precision,
                       "enable_progress_bar": args.progress_bar}
+    if world_size > 1 and torch.cuda.is_available():  # one GPU per local process
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        trainer_kwargs["devices"] = [local % torch.cuda.device_count()]
     if args.limit_train_batches is not None:
         trainer_kwargs["limit_train_batches"] = args.limit_train_batches
     buffer = train_experts(data, folder, experts=args.experts, epochs=args.epochs,
                            network=args.network, lr_teacher=args.lr_teacher,
                            batch_size=args.batch_size, dsa=args.dsa, logits=args.logits,
-                           seed=args.seed, trainer_kwargs=trainer_kwargs)
-    log.info("buffer %s: %d experts x %d epochs of %s on %s", folder, len(buffer), buffer.epochs,
-             args.network, args.data)
+                           seed=args.seed, trainer_kwargs=trainer_kwargs, rank=rank,
+                           world_size=world_size)
+    if buffer is None:
+        log.info("rank %d of %d: its experts are in %s", rank, world_size, folder)
+    else:
+        log.info("buffer %s: %d experts x %d epochs of %s on %s", folder, len(buffer),
+                 buffer.epochs, args.network, args.data)
     return 0
+
+
+def _launcher_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)`` from the flags, else from torchrun's or SLURM's variables.
+
+    The launcher's variables are then removed from this process's environment: each process
+    trains its experts alone, and a Lightning ``Trainer`` that saw them would try to join a
+    process group.
+    """
+    env = os.environ
+    if rank is None:
+        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    if world_size is None:
+        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        env.pop(var, None)
+    return rank, world_size
 
 
 def _run(argv: list[str]) -> int:

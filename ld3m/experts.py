@@ -79,8 +79,13 @@ class Expert(Classifier):
 def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, epochs: int = 50,
                   network: str = "ConvNet", lr_teacher: float = 0.01, batch_size: int = 256,
                   dsa: str = DEFAULT_STRATEGY, logits: bool = False, seed: int = 0,
-                  trainer_kwargs: dict | None = None) -> TrajectoryBuffer:
+                  trainer_kwargs: dict | None = None, rank: int = 0,
+                  world_size: int = 1) -> TrajectoryBuffer | None:
     """Train ``experts`` experts (skipping those already in ``folder``) and return the buffer.
+
+    With ``world_size > 1`` this process trains only the experts ``i`` with
+    ``i % world_size == rank`` (one process per GPU or node, each writing its own shards) and
+    returns ``None``: the buffer is complete when every rank is done.
 
     Args:
         data: The real dataset.
@@ -95,10 +100,14 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
         seed: Base seed (expert ``i`` uses ``seed + 1000 * i``).
         trainer_kwargs: Extra ``lightning.Trainer`` arguments (accelerator, precision,
             limit_train_batches, ...).
+        rank: This process's index among ``world_size`` processes sharing the work.
+        world_size: Number of processes sharing the work.
 
     Raises:
         ValueError: on bad arguments, or if ``folder`` already holds experts of another setting.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
     if experts < 1 or epochs < 1 or batch_size < 1:
         raise ValueError(f"experts, epochs and batch_size must be at least 1, got "
                          f"{experts}, {epochs} and {batch_size}")
@@ -119,7 +128,7 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
     train_set = data.train_split.dataset(data)
     for index in range(experts):
         path = folder / shard_name(index)
-        if path.exists():
+        if path.exists() or index % world_size != rank:
             continue
         expert_seed = seed + 1000 * index
         model = Expert(network, c, data.num_classes, h, lr_teacher=lr_teacher, dsa=dsa, seed=expert_seed)
@@ -138,4 +147,4 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
         ExpertTrajectory(torch.stack(model.snapshots), {**info, "expert": index, "seed": expert_seed},
                          final_logits).save(path)
         log.info("expert %d/%d written to %s", index + 1, experts, path)
-    return TrajectoryBuffer(folder)
+    return TrajectoryBuffer(folder) if world_size == 1 else None

@@ -93,3 +93,28 @@ def test_cli_buffer(tiny: MNIST, tmp_path: Path, capsys) -> None:
     assert TrajectoryBuffer(folder).epochs == 1
     assert main(["buffer", "--data", "Imagenet"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+
+
+def test_ranks_share_the_experts(tiny: MNIST, tmp_path: Path) -> None:
+    folder = tmp_path / "shared"
+    assert _train(tiny, folder, experts=3, epochs=1, rank=1, world_size=2) is None
+    assert [p.name for p in sorted(folder.iterdir())] == [shard_name(1)]
+    _train(tiny, folder, experts=3, epochs=1, rank=0, world_size=2)
+    buffer = TrajectoryBuffer(folder)
+    assert len(buffer) == 3
+    # the same experts as one process would train
+    alone = _train(tiny, tmp_path / "alone", experts=3, epochs=1)
+    for i in range(3):
+        assert torch.equal(buffer[i].trajectory, alone[i].trajectory)
+    with pytest.raises(ValueError, match="rank"):
+        _train(tiny, folder, rank=2, world_size=2)
+
+
+def test_cli_reads_the_launcher_environment(tiny: MNIST, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    folder = tmp_path / "torchrun"
+    assert main(["buffer", "--data", "MNIST", "--data_dir", str(tiny.data_dir), "--folder",
+                 str(folder), "--experts", "2", "--epochs", "1", "--network", "ConvNetD1",
+                 "--batch_size", "8", "--accelerator", "cpu", "--progress_bar", "false"]) == 0
+    assert [p.name for p in folder.iterdir()] == [shard_name(1)]
