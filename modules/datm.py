@@ -56,6 +56,7 @@ class DATM(MTT):
         dsa: DSA strategy of the student's minibatches; ``"none"`` disables it.
         gradient: ``unroll``, ``recompute`` or ``auto`` (see MTT).
         threshold: Skip the update when the matching loss exceeds this.
+        student_autocast: Run the student under the trainer's autocast (see MTT).
         seed: Seed of every draw.
         num_classes: Number of classes (default: from the data module).
         image_shape: ``(C, H, W)`` (default: from the data module).
@@ -69,7 +70,7 @@ class DATM(MTT):
                  lr_img: float = 100.0, lr_lr: float = 1e-5, lr_teacher: float = 0.01,
                  lr_y: float = 2.0, momentum: float = 0.5, batch_syn: int | None = None,
                  dsa: str = DEFAULT_STRATEGY, gradient: str = "auto", threshold: float = 1.0,
-                 seed: int = 0, num_classes: int | None = None,
+                 student_autocast: bool = False, seed: int = 0, num_classes: int | None = None,
                  image_shape: tuple[int, int, int] | None = None) -> None:
         if init != "real":
             raise ValueError("DATM starts from correctly classified real images: init must be 'real'")
@@ -86,7 +87,8 @@ class DATM(MTT):
                          expert_epochs=expert_epochs, max_start_epoch=max_start_epoch,
                          min_start_epoch=min_start_epoch, lr_img=lr_img, lr_lr=lr_lr,
                          lr_teacher=lr_teacher, momentum=momentum, batch_syn=batch_syn, dsa=dsa,
-                         gradient=gradient, seed=seed, num_classes=num_classes,
+                         gradient=gradient, student_autocast=student_autocast, seed=seed,
+                         num_classes=num_classes,
                          image_shape=image_shape)
         self.save_hyperparameters()
         self.current_max_start_epoch = current_max_start_epoch

@@ -54,11 +54,14 @@ def test_loss_is_exactly_one_when_the_student_does_not_move(tmp_path: Path, grad
     assert loss.item() == 1.0
 
 
-def _gradients(model: MTT, gradient: str, seed: int = 3):
+def _gradients(model: MTT, gradient: str, seed: int = 3, autocast: bool = False):
     model.images.grad = None
     model.syn_lr.grad = None
     start, target = model.draw_expert(torch.Generator().manual_seed(seed))
-    loss = model.matching_loss(start, target, torch.Generator().manual_seed(seed + 1), gradient=gradient)
+    # (as in Lightning's bf16-mixed: autocast around the forward, not around the backward)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model.matching_loss(start, target, torch.Generator().manual_seed(seed + 1),
+                                   gradient=gradient)
     loss.backward()
     return loss.detach(), model.images.grad.clone(), model.syn_lr.grad.clone()
 
@@ -77,6 +80,26 @@ def test_recompute_gives_the_unrolled_gradient(tmp_path: Path, dsa: str, batch_s
     relative = ((images_r - images_u).norm() / images_u.norm()).item()
     assert relative < 1e-4, relative
     assert torch.allclose(lr_r, lr_u, rtol=1e-4)
+
+
+def test_student_autocast_is_close_to_float32(tmp_path: Path) -> None:
+    """bf16 autocast reaches the student only when asked, and stays close to float32."""
+    grads = {}
+    for name, student_autocast in (("fp32", False), ("off", False), ("bf16", True)):
+        model = _model(write_buffer(tmp_path), syn_steps=3, student_autocast=student_autocast)
+        grads[name] = _gradients(model, "unroll", autocast=name != "fp32")
+    assert torch.equal(grads["off"][1], grads["fp32"][1])  # autocast kept away from the student
+    assert not torch.equal(grads["bf16"][1], grads["fp32"][1])
+    cosine = torch.nn.functional.cosine_similarity(grads["bf16"][1].flatten(),
+                                                   grads["fp32"][1].flatten(), dim=0)
+    assert cosine > 0.99, cosine
+    assert grads["bf16"][2].item() == pytest.approx(grads["fp32"][2].item(), rel=0.05)
+    # the recompute sweep replays the forward's precision (bf16 rounding differs between the
+    # two orders of evaluation, so: close, not equal)
+    model = _model(write_buffer(tmp_path), syn_steps=3, student_autocast=True)
+    recomputed = _gradients(model, "recompute", autocast=True)[1]
+    cosine = torch.nn.functional.cosine_similarity(recomputed.flatten(), grads["bf16"][1].flatten(), dim=0)
+    assert cosine > 0.99, cosine
 
 
 def test_first_order_sweep_would_differ(tmp_path: Path) -> None:
