@@ -30,11 +30,11 @@ BUDGET = {
     # IPC 10: a step is an image update plus 50 inner SGD steps of the network (~25-45 s here)
     ("DC", 10): {"steps": 40, "epochs": 300, "dsa": "none", "runs": 2},
     ("DSA", 1): {"steps": 100, "epochs": 300, "dsa": "color_crop_cutout_flip_scale_rotate"},
-    ("DSA", 10): {"steps": 20, "epochs": 300, "dsa": "color_crop_cutout_flip_scale_rotate", "runs": 2},
+    ("DSA", 10): {"steps": 10, "epochs": 300, "dsa": "color_crop_cutout_flip_scale_rotate", "runs": 2},
     # DD's step is an unrolled training plus a real batch through the unrolled graph: fewer
     # real images (the recipe's 102 per class cost ~12 s per step here)
     ("DD", 1): {"steps": 100, "epochs": 0, "dsa": "none", "batch_per_class": 32},
-    ("DD", 10): {"steps": 40, "epochs": 0, "dsa": "none", "batch_per_class": 32},
+    ("DD", 10): {"steps": 30, "epochs": 0, "dsa": "none", "batch_per_class": 32},
 }
 
 
