@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_trainer
 from ld3m.callbacks import StartEpochSchedule
 from ld3m.datamodules import FashionMNIST
 from ld3m.modules import DATM
@@ -49,9 +50,6 @@ def _fmnist_buffer(folder: Path, data: FashionMNIST, epochs: int = 6) -> Path:
     return folder
 
 
-def _trainer(root: Path, steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(root), **kwargs)
 
 
 def test_init_uses_correctly_classified_images_and_their_logits(tmp_path: Path, fmnist) -> None:
@@ -59,7 +57,7 @@ def test_init_uses_correctly_classified_images_and_their_logits(tmp_path: Path, 
     logits = TrajectoryBuffer(buffer)[0].logits
     model = DATM(str(buffer), ipc=3, syn_steps=2, max_start_epoch=4, current_max_start_epoch=2,
                  expansion_end=4, gradient="recompute", lr_y=5.0)
-    trainer = _trainer(tmp_path, 0, enable_checkpointing=False)
+    trainer = cpu_trainer(tmp_path, 0)
     trainer.fit(model, datamodule=fmnist)  # set-up only
     soft = model.soft_labels.detach()
     assert soft.shape == (30, 10)
@@ -97,18 +95,18 @@ def test_schedule_and_soft_labels_survive_resume(tmp_path: Path, fmnist) -> None
     def schedule_of(trainer: L.Trainer) -> StartEpochSchedule:
         return next(c for c in trainer.callbacks if isinstance(c, StartEpochSchedule))
 
-    straight = _trainer(tmp_path / "a", 6, enable_checkpointing=False)
+    straight = cpu_trainer(tmp_path / "a", 6)
     full = DATM(str(buffer), **args)
     straight.fit(full, datamodule=fmnist)
     expected = schedule_of(straight).history
     assert expected == [(0, 1), (2, 2), (4, 3)], expected  # 1 + (3 * step) // 6
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    first = _trainer(tmp_path / "b", 3, callbacks=[checkpoint])
+    first = cpu_trainer(tmp_path / "b", 3, callbacks=[checkpoint], enable_checkpointing=True)
     model = DATM(str(buffer), **args)
     first.fit(model, datamodule=fmnist)
     initial_soft = model.soft_labels.detach().clone()
-    resumed_trainer = _trainer(tmp_path / "b", 6, enable_checkpointing=False)
+    resumed_trainer = cpu_trainer(tmp_path / "b", 6)
     resumed = DATM(str(buffer), **args)
     resumed_trainer.fit(resumed, datamodule=fmnist, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt"))
     assert schedule_of(resumed_trainer).history == expected
@@ -123,10 +121,10 @@ def test_threshold_skips_updates(tmp_path: Path, fmnist) -> None:
     buffer = _fmnist_buffer(tmp_path / "buffer", fmnist)
     model = DATM(str(buffer), ipc=1, syn_steps=2, max_start_epoch=4, current_max_start_epoch=None,
                  threshold=1e-9, gradient="recompute")
-    trainer = _trainer(tmp_path, 2, enable_checkpointing=False)
+    trainer = cpu_trainer(tmp_path, 2)
     trainer.fit(model, datamodule=fmnist)
     start = DATM(str(buffer), ipc=1, syn_steps=2, max_start_epoch=4, current_max_start_epoch=None)
-    _trainer(tmp_path / "s", 0, enable_checkpointing=False).fit(start, datamodule=fmnist)
+    cpu_trainer(tmp_path / "s", 0).fit(start, datamodule=fmnist)
     assert torch.equal(model.images.detach(), start.images.detach())
 
 

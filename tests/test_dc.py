@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import cpu_trainer
 from ld3m.datamodules import FashionMNIST
 from ld3m.modules import DC, DSA
 from ld3m.modules import dc as dc_module
@@ -35,11 +36,6 @@ def _model(cls=DC, **kwargs) -> DC:
     return cls(**{**args, **kwargs})
 
 
-def _trainer(root: Path, max_steps: int, callbacks=()) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(root),
-                     callbacks=list(callbacks))
 
 
 def _grads(seed: int = 0) -> list[torch.Tensor]:
@@ -273,7 +269,7 @@ def test_a_few_lightning_steps(cls, data_dir: Path, tmp_path: Path) -> None:
     data = FashionMNIST(data_dir=str(data_dir), batch_per_class=4)
     model = cls(ipc=1, network=SMALL_NET, outer_loop=2, inner_loop=2, seed=1)
     record = _Record()
-    trainer = _trainer(tmp_path, 3, [record])
+    trainer = cpu_trainer(tmp_path, 3, [record])
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 3, "max_steps must count image updates"
     assert len(record.losses) == 3 and all(math.isfinite(v) and v > 0 for v in record.losses)
@@ -299,7 +295,7 @@ def test_loss_falls_on_a_fixed_batch_and_network(data_dir: Path, tmp_path: Path)
     data = _FixedBatch(data_dir=str(data_dir), batch_per_class=4)
     model = DC(ipc=1, network=SMALL_NET, outer_loop=20, inner_loop=0, seed=2)
     record = _Record()
-    _trainer(tmp_path, 20, [record]).fit(model, datamodule=data)
+    cpu_trainer(tmp_path, 20, [record]).fit(model, datamodule=data)
     first, last = record.losses[:3], record.losses[-3:]
     assert sum(last) < 0.8 * sum(first), f"loss {record.losses}"
 
@@ -307,7 +303,7 @@ def test_loss_falls_on_a_fixed_batch_and_network(data_dir: Path, tmp_path: Path)
 def test_inner_training_changes_the_network(data_dir: Path, tmp_path: Path) -> None:
     data = FashionMNIST(data_dir=str(data_dir), batch_per_class=2)
     model = DC(ipc=1, network=SMALL_NET, outer_loop=3, inner_loop=2)
-    _trainer(tmp_path, 1, []).fit(model, datamodule=data)
+    cpu_trainer(tmp_path, 1, []).fit(model, datamodule=data)
     trained = {k: v.clone() for k, v in model._scratch["net"].state_dict().items()}
     drawn = model.new_network(0).state_dict()
     assert not all(torch.equal(v, drawn[k]) for k, v in trained.items())

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import cpu_trainer
 from ld3m.datamodules import FashionMNIST
 from ld3m.datamodules.real import _Split
 from ld3m.modules import DD
@@ -36,10 +37,6 @@ def _tiny(**kwargs) -> DD:
     return DD(**{**args, **kwargs})
 
 
-def _trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(root), **kwargs)
 
 
 def _small_test_split(data: FashionMNIST) -> FashionMNIST:
@@ -206,7 +203,7 @@ def test_protocol_rejects_weights_of_another_network() -> None:
 
 def _fit_dd(data: FashionMNIST, root: Path, steps: int = 2, **kwargs) -> DD:
     model = DD(**{"ipc": 1, "network": SMALL_NET, **kwargs})
-    _trainer(root, steps).fit(model, datamodule=data)
+    cpu_trainer(root, steps).fit(model, datamodule=data)
     return model
 
 
@@ -293,7 +290,7 @@ def test_every_init_mode_trains(data_dir: Path, tmp_path: Path, mode: str) -> No
     data = FashionMNIST(data_dir=str(data_dir), batch_per_class=4)
     model = DD(ipc=1, network=SMALL_NET, init_mode=mode, pretrained_nets=2, pretrain_steps=2)
     start = model.raw_lrs.detach().clone()
-    _trainer(tmp_path, 2).fit(model, datamodule=data)
+    cpu_trainer(tmp_path, 2).fit(model, datamodule=data)
     assert not torch.equal(model.raw_lrs.detach(), start)
     assert torch.isfinite(model.images).all()
 

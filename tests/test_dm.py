@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer
 from ld3m.callbacks import ExportSynthetic
 from ld3m.datamodules import FashionMNIST
 from ld3m.modules import DM
@@ -25,11 +26,6 @@ def _dm(**kwargs) -> DM:
     return DM(**{**args, **kwargs})
 
 
-def _trainer(root: Path, max_steps: int, callbacks=()) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(root),
-                     callbacks=list(callbacks))
 
 
 def _real(dm: FashionMNIST, n: int = 8, seed: int = 0) -> torch.Tensor:
@@ -60,13 +56,13 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 def test_unknown_network_without_shape_fails_at_fit(fmnist: FashionMNIST, tmp_path: Path) -> None:
     model = DM(ipc=1, network="Foo")  # cannot be checked before the data is known
     with pytest.raises(ValueError, match="unknown network 'Foo'"):
-        _trainer(tmp_path, 1).fit(model, datamodule=fmnist)
+        cpu_trainer(tmp_path, 1).fit(model, datamodule=fmnist)
 
 
 def test_shape_mismatch_with_the_data(fmnist: FashionMNIST, tmp_path: Path) -> None:
     model = DM(ipc=1, network=SMALL_NET, num_classes=5, image_shape=SHAPE)
     with pytest.raises(ValueError, match="5 classes"):
-        _trainer(tmp_path, 1).fit(model, datamodule=fmnist)
+        cpu_trainer(tmp_path, 1).fit(model, datamodule=fmnist)
 
 
 def test_images_before_fit() -> None:
@@ -190,7 +186,7 @@ def test_nan_during_fit_keeps_the_last_finite_images(fmnist: FashionMNIST, tmp_p
     model = _dm(ipc=1)
     poison, export = _NaNAtStep(step=1), ExportSynthetic()
     with pytest.raises(FloatingPointError, match="step 1"):
-        _trainer(tmp_path, 3, [poison, export]).fit(model, datamodule=fmnist)
+        cpu_trainer(tmp_path, 3, [poison, export]).fit(model, datamodule=fmnist)
     assert poison.images_before is not None
     assert torch.isfinite(model.images).all()
     assert torch.equal(model.images.detach(), poison.images_before), "the images were updated"
@@ -207,7 +203,7 @@ class _Initial(L.Callback):
 def test_synthetic_set_after_one_step(fmnist: FashionMNIST, tmp_path: Path) -> None:
     model = DM(ipc=2, network=SMALL_NET, seed=4)  # shape and classes come from the data
     initial = _Initial()
-    _trainer(tmp_path, 1, [initial]).fit(model, datamodule=fmnist)
+    cpu_trainer(tmp_path, 1, [initial]).fit(model, datamodule=fmnist)
     assert model.global_step == 1
     s = model.synthetic_set()
     assert s.images.shape == (20, 1, 28, 28)
