@@ -7,6 +7,11 @@ indexing; image folders stream through a ``DataLoader`` with workers.
 Distillation consumes *class-balanced* real batches: every training batch holds ``n``
 images of every class, shaped ``(classes, n, C, H, W)``. Under DDP each rank draws its
 own batches (the stream is seeded by ``seed`` and the rank).
+
+``zca=True`` whitens every image (after the mean/std normalisation) with kornia's ZCA
+(``eps`` 0.1 by default, fitted on the whole training split, as MTT's CIFAR-10 recipes did).
+Everything the module serves is then whitened: class-balanced batches, samples, the plain
+loaders and the test set, so expert buffers, distilled sets and their evaluation agree.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from kornia.enhance import linear_transform, zca_mean
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torchvision import datasets, transforms
 
@@ -26,6 +32,8 @@ from ld3m.files import atomic_write
 
 DEFAULT_DATA_DIR = "data"
 _CACHE_LIMIT_BYTES = 2 << 30
+#: ZCA needs a D x D matrix (D = C * H * W): refuse beyond 64 x 64 grey / 36 x 36 colour.
+ZCA_MAX_DIM = 4096
 
 
 def default_data_dir() -> str:
@@ -47,6 +55,8 @@ class RealDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (0 is fastest for cached datasets).
         download: Let torchvision download the dataset when it is missing.
         seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+        zca: Whiten the images with ZCA fitted on the training split (MTT's CIFAR-10 recipes).
+        zca_eps: Regulariser of the ZCA whitening (kornia's ``eps``; MTT used 0.1).
     """
 
     dataset_name: str = ""
@@ -64,6 +74,8 @@ class RealDataModule(L.LightningDataModule):
         num_workers: int = 0,
         download: bool = False,
         seed: int = 0,
+        zca: bool = False,
+        zca_eps: float = 0.1,
     ) -> None:
         super().__init__()
         for name, value in (("batch_per_class", batch_per_class), ("batch_size", batch_size),
@@ -72,6 +84,8 @@ class RealDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not zca_eps > 0:
+            raise ValueError(f"zca_eps must be positive, got {zca_eps}")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
         self.batch_per_class = batch_per_class
@@ -80,6 +94,9 @@ class RealDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.download = download
         self.seed = seed
+        self.zca = bool(zca)
+        self.zca_eps = float(zca_eps)
+        self._zca: tuple[torch.Tensor, torch.Tensor] | None = None  # (matrix, mean)
         self._train: _Split | None = None
         self._test: _Split | None = None
 
@@ -122,6 +139,37 @@ class RealDataModule(L.LightningDataModule):
 
     def _transform(self):
         return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    # ----------------------------------------------------------------------------- ZCA
+    @property
+    def zca_settings(self) -> dict | None:
+        """``{"eps": ...}`` when the images are ZCA-whitened, else ``None`` (stored in sets and
+        buffers, so they are only ever used with equally whitened data)."""
+        return {"eps": self.zca_eps} if self.zca else None
+
+    def whiten(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> ZCA-whitened images (unchanged when ``zca`` is off)."""
+        if not self.zca:
+            return images
+        matrix, mean = self._zca_transform()
+        return linear_transform(images, matrix.to(images.device), mean.to(images.device))
+
+    def _zca_transform(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._zca is None:
+            c, h, w = self.image_shape
+            if c * h * w > ZCA_MAX_DIM:
+                raise ValueError(f"ZCA whitening of {c}x{h}x{w} images needs a "
+                                 f"{c * h * w}x{c * h * w} matrix; it is offered up to "
+                                 f"{ZCA_MAX_DIM} values per image")
+            split = self.train_split
+            if split.cached is not None:
+                real = self.normalize(split.cached)
+            else:
+                real = torch.cat([x for x, _ in DataLoader(split.source, batch_size=512,
+                                                           num_workers=self.num_workers)])
+            matrix, mean, _ = zca_mean(real.flatten(1), eps=self.zca_eps)
+            self._zca = (matrix, mean)
+        return self._zca
 
     # ----------------------------------------------------------------------------- loading
     def prepare_data(self) -> None:
@@ -178,9 +226,16 @@ class RealDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
-        """Endless class-balanced batches ``(images (K, n, C, H, W), labels (K, n))``."""
+        """Endless class-balanced batches ``(images (K, n, C, H, W), labels (K, n))``.
+
+        A method that reads no real batches (``uses_real_batches = False``: MTT and DATM, which
+        read expert trajectories) gets the step indices instead, so no images are loaded.
+        """
         rank = self.trainer.global_rank if self.trainer is not None else 0
         start = self.trainer.global_step if self.trainer is not None else 0
+        module = getattr(self.trainer, "lightning_module", None)
+        if module is not None and not getattr(module, "uses_real_batches", True):
+            return DataLoader(StepIndices(start), batch_size=None)
         stream = ClassBalancedStream(self, self.batch_per_class, seed=self.seed + 7919 * rank,
                                      start=start)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
@@ -231,15 +286,29 @@ class _Split:
 
     def images(self, index: torch.Tensor, dm: RealDataModule) -> torch.Tensor:
         if self.cached is not None:
-            return dm.normalize(self.cached[index])
+            return dm.whiten(dm.normalize(self.cached[index]))
         assert self.source is not None
-        return torch.stack([self.source[int(i)][0] for i in index])
+        return dm.whiten(torch.stack([self.source[int(i)][0] for i in index]))
 
     def dataset(self, dm: RealDataModule) -> Dataset:
         if self.cached is not None:
-            return TensorDataset(dm.normalize(self.cached), self.labels)
+            return TensorDataset(dm.whiten(dm.normalize(self.cached)), self.labels)
         assert self.source is not None
-        return self.source
+        return _Whitened(self.source, dm) if dm.zca else self.source
+
+
+class _Whitened(Dataset):
+    """A streamed dataset whose images are ZCA-whitened on the fly."""
+
+    def __init__(self, source: Dataset, dm: RealDataModule) -> None:
+        self.source, self.dm = source, dm
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        x, y = self.source[i]
+        return self.dm.whiten(x.unsqueeze(0))[0], y
 
 
 def _dataset_labels(dataset: Dataset) -> torch.Tensor:
@@ -247,6 +316,19 @@ def _dataset_labels(dataset: Dataset) -> torch.Tensor:
         if hasattr(dataset, attr):
             return torch.as_tensor(getattr(dataset, attr)).long()
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+class StepIndices(IterableDataset):
+    """Endless step indices ``start, start + 1, ...``: the batches of a method without real data."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        step = self.start
+        while True:
+            yield torch.tensor(step)
+            step += 1
 
 
 class ClassBalancedStream(IterableDataset):
@@ -452,6 +534,8 @@ class ImageFolderData(RealDataModule):
         test_batch_size: Batch size of the test loader.
         num_workers: DataLoader workers (decoding JPEGs benefits from several).
         seed: Seed of the class-balanced stream (each DDP rank adds its rank).
+        zca: Whiten the images with ZCA (only for small images; see :class:`RealDataModule`).
+        zca_eps: Regulariser of the ZCA whitening.
     """
 
     dataset_name = "ImageFolder"
@@ -460,11 +544,12 @@ class ImageFolderData(RealDataModule):
 
     def __init__(self, data_dir: str, image_size: int = 64, train_split: str = "train",
                  test_split: str = "val", batch_per_class: int = 256, batch_size: int = 256,
-                 test_batch_size: int = 500, num_workers: int = 2, seed: int = 0) -> None:
+                 test_batch_size: int = 500, num_workers: int = 2, seed: int = 0,
+                 zca: bool = False, zca_eps: float = 0.1) -> None:
         if image_size < 8:
             raise ValueError(f"image_size must be at least 8, got {image_size}")
         super().__init__(data_dir, batch_per_class, batch_size, test_batch_size, num_workers,
-                         download=False, seed=seed)
+                         download=False, seed=seed, zca=zca, zca_eps=zca_eps)
         self.image_size = image_size
         self.train_split_name = train_split
         self.test_split_name = test_split

@@ -109,7 +109,9 @@ def evaluate_main(argv: list[str]) -> int:
     if synthetic.dataset not in DATASETS:
         raise ValueError(f"{args.distilled} was distilled from {synthetic.dataset!r}; "
                          f"ld3m evaluate knows {', '.join(DATASETS)}")
-    real: RealDataModule = DATASETS[synthetic.dataset](data_dir=args.data_dir)
+    zca = synthetic.meta.get("zca")  # a whitened set is evaluated on equally whitened data
+    real: RealDataModule = DATASETS[synthetic.dataset](
+        data_dir=args.data_dir, zca=zca is not None, zca_eps=(zca or {}).get("eps", 0.1))
     report = evaluate(synthetic, real, archs=[a.strip() for a in args.archs.split(",")],
                       runs=args.runs, epochs=args.epochs, lr=args.lr, dsa=args.dsa,
                       baseline=args.baseline, seed=args.seed, accelerator=args.accelerator,
@@ -140,6 +142,9 @@ def buffer_main(argv: list[str]) -> int:
     parser.add_argument("--lr_teacher", type=float, default=0.01, help="SGD lr (no momentum)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--dsa", type=str, default=DEFAULT_DSA, help="DSA strategy or 'none'")
+    parser.add_argument("--zca", type=bool, default=False,
+                        help="ZCA-whiten the images (distil with --data.zca true then)")
+    parser.add_argument("--zca_eps", type=float, default=0.1, help="ZCA regulariser")
     parser.add_argument("--logits", type=bool, default=False,
                         help="also store the final logits on the training images (DATM)")
     parser.add_argument("--seed", type=int, default=0)
@@ -158,7 +163,8 @@ def buffer_main(argv: list[str]) -> int:
     rank, world_size = _launcher_rank(args.rank, args.world_size)
     if args.data not in DATASETS:
         raise ValueError(f"unknown dataset {args.data!r}; choose one of: {', '.join(DATASETS)}")
-    data: RealDataModule = DATASETS[args.data](data_dir=args.data_dir)
+    data: RealDataModule = DATASETS[args.data](data_dir=args.data_dir, zca=args.zca,
+                                               zca_eps=args.zca_eps)
     folder = args.folder or f"runs/buffer/{args.data.lower()}_{args.network.lower()}"
     trainer_kwargs = {"accelerator": args.accelerator, "devices": 1, "precision": args.precision,
                       "enable_progress_bar": args.progress_bar}

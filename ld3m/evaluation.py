@@ -208,8 +208,21 @@ def random_real_set(real: RealDataModule, ipc: int, seed: int = 0) -> SyntheticS
     generator = torch.Generator().manual_seed(seed)
     images = real.sample_per_class(ipc, generator)
     labels = torch.arange(real.num_classes).repeat_interleave(ipc)
+    zca = getattr(real, "zca_settings", None)
     return SyntheticSet(images.flatten(0, 1), labels, real.mean, real.std, real.num_classes,
-                        method="random", dataset=real.dataset_name, ipc=ipc)
+                        method="random", dataset=real.dataset_name, ipc=ipc,
+                        meta={"zca": zca} if zca is not None else {})
+
+
+def check_zca(synthetic: SyntheticSet, real: RealDataModule) -> None:
+    """Raise a ``ValueError`` unless ``synthetic`` and ``real`` are whitened alike (or both not)."""
+    ours, theirs = synthetic.meta.get("zca"), getattr(real, "zca_settings", None)
+    if ours != theirs:
+        def name(zca: dict | None) -> str:
+            return f"ZCA-whitened (eps {zca['eps']})" if zca else "not whitened"
+        raise ValueError(f"the synthetic set is {name(ours)} but the real data is {name(theirs)}; "
+                         f"evaluate it on {synthetic.dataset} with "
+                         + (f"zca=True, zca_eps={ours['eps']}" if ours else "zca=False"))
 
 
 @contextlib.contextmanager
@@ -231,6 +244,7 @@ def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "C
                    batch_size: int = 256, seed: int = 0, accelerator: str = "auto",
                    precision: str | None = None) -> float:
     """Train one fresh ``arch`` on ``synthetic`` and return its real test accuracy (0-1)."""
+    check_zca(synthetic, real)
     if lr is None:
         lr = float(synthetic.lr.reshape(-1)[-1]) if synthetic.lr is not None else 0.01
     c, h, _ = synthetic.image_shape
@@ -314,6 +328,8 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
     if synthetic is not None and synthetic.dataset not in ("unknown", real.dataset_name):
         raise ValueError(f"the synthetic set was distilled from {synthetic.dataset}, "
                          f"not {real.dataset_name}")
+    if synthetic is not None:
+        check_zca(synthetic, real)
     ipc = ipc or (synthetic.ipc if synthetic is not None else 0)
     if baseline and ipc < 1:
         raise ValueError("the random-real baseline needs ipc >= 1")

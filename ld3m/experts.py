@@ -117,7 +117,8 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
     c, h, w = data.image_shape
     info = {"network": network, "dataset": data.dataset_name, "channels": c,
             "num_classes": data.num_classes, "image_shape": [c, h, w], "epochs": epochs,
-            "lr_teacher": lr_teacher, "batch_size": batch_size, "dsa": dsa, "zca": False,
+            "lr_teacher": lr_teacher, "batch_size": batch_size, "dsa": dsa,
+            "zca": getattr(data, "zca_settings", None),
             "params": parameter_layout(get_network(network, c, data.num_classes, h))}
     if any(folder.glob("expert_*.safetensors")):
         existing = TrajectoryBuffer(folder).info

@@ -12,7 +12,7 @@ per expert network trained on the real data. Each shard holds:
 and, under the safetensors metadata key ``ld3m``, a JSON object with ``format`` (1), ``kind``
 (``"expert_trajectory"``), ``expert`` (its index), ``network``, ``dataset``, ``channels``,
 ``num_classes``, ``image_shape``, ``epochs``, ``lr_teacher``, ``batch_size``, ``dsa``, ``zca``
-(bool), ``seed`` and ``params`` (``[[name, shape], ...]``, to unflatten). Shards are written
+(``null``, or ``{"eps": 0.1}`` when the data module whitened the images), ``seed`` and ``params`` (``[[name, shape], ...]``, to unflatten). Shards are written
 atomically, so an interrupted run leaves only complete experts and a resumed run trains the
 missing ones. :class:`TrajectoryBuffer` checks that every shard describes the same setting and
 loads one shard at a time.

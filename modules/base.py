@@ -67,6 +67,7 @@ class DistillationModule(L.LightningModule):
         self.dataset_name = "unknown"
         self.mean: tuple[float, ...] = ()
         self.std: tuple[float, ...] = ()
+        self.zca: dict | None = None  # the data module's ZCA settings (None: not whitened)
         self.images: nn.Parameter | None = None
         self.register_buffer("labels", torch.empty(0, dtype=torch.long))
         self._initialised = False
@@ -99,6 +100,7 @@ class DistillationModule(L.LightningModule):
         dm.setup("fit")
         self.dataset_name = dm.dataset_name
         self.mean, self.std = tuple(dm.mean), tuple(dm.std)
+        self.zca = getattr(dm, "zca_settings", None)
         if self.images is None:
             self._allocate(dm.num_classes, dm.image_shape)
         elif (self.num_classes, self.image_shape) != (dm.num_classes, tuple(dm.image_shape)):
@@ -167,6 +169,8 @@ class DistillationModule(L.LightningModule):
         extra = self.export_extra()
         meta = {"hparams": {k: v for k, v in self.hparams.items()
                             if isinstance(v, int | float | str | bool)}}
+        if self.zca is not None:
+            meta["zca"] = dict(self.zca)
         meta.update(extra.pop("meta", {}))
         return SyntheticSet(
             images=images.clone(), labels=self.labels.cpu().clone(),
@@ -182,7 +186,7 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ld3m"] = {"dataset": self.dataset_name, "mean": list(self.mean),
                               "std": list(self.std), "num_classes": self.num_classes,
-                              "image_shape": list(self.image_shape or ())}
+                              "image_shape": list(self.image_shape or ()), "zca": self.zca}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("ld3m")
@@ -192,4 +196,5 @@ class DistillationModule(L.LightningModule):
             self._allocate(info["num_classes"], tuple(info["image_shape"]))
         self.dataset_name = info["dataset"]
         self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
+        self.zca = info.get("zca")
         self._initialised = True

@@ -156,6 +156,9 @@ class MTT(DistillationModule):
     """
 
     method_name = "MTT"
+    #: The student reads expert trajectories, not real batches (the data module then serves step
+    #: indices only; the real data feeds the initialisation and the evaluation).
+    uses_real_batches = False
 
     def __init__(self, buffer: str, ipc: int = 10, init: str = "real", syn_steps: int = 20,
                  expert_epochs: int = 2, max_start_epoch: int = 20, min_start_epoch: int = 0,
@@ -208,6 +211,12 @@ class MTT(DistillationModule):
             raise ValueError(f"the buffer {self.buffer_dir} was trained on {info['dataset']} "
                              f"({info['num_classes']} classes of {tuple(info['image_shape'])}), "
                              f"not {self.dataset_name} ({self.num_classes} of {self.image_shape})")
+        if (info.get("zca") or None) != self.zca:
+            raise ValueError(f"the buffer {self.buffer_dir} was trained on "
+                             f"{'ZCA-whitened' if info.get('zca') else 'unwhitened'} images "
+                             f"({info.get('zca')}) but the data module's ZCA setting is "
+                             f"{self.zca}: pass --data.zca {str(bool(info.get('zca'))).lower()}"
+                             + (f" --data.zca_eps {info['zca']['eps']}" if info.get("zca") else ""))
         if self.max_start_epoch - 1 + self.expert_epochs > self.buffer.epochs:
             raise ValueError(f"max_start_epoch {self.max_start_epoch} + expert_epochs "
                              f"{self.expert_epochs} needs experts of at least "
