@@ -6,9 +6,16 @@ For each ``method`` and ``ipc`` this runs the method's published recipe
 published figure. Everything lands under ``--root`` (``runs/table`` by default); a set that is
 already there is not distilled again, a report that is already there is not recomputed.
 
-Example (the README's table, about 100 minutes on a 2-core CPU)::
+MTT and DATM first need an expert buffer: ``--buffer`` (default ``<root>/buffer``) is built
+with ``ld3m buffer`` at the budget of ``--experts``/``--expert_epochs``/``--expert_batches``
+(batches of 256 per expert epoch) unless it already exists, and their recipes' start epochs are
+cut to fit it.
+
+Example (the README's table, about 100 minutes on a 2-core CPU for DC/DSA/DD, and about
+as much again for the buffer and MTT/DATM)::
 
     python bench/fmnist_table.py --methods DC DSA DD --ipc 1 10
+    python bench/fmnist_table.py --methods MTT DATM --ipc 1 10
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from pathlib import Path
 
 #: Published ConvNet accuracy on Fashion-MNIST (DC and DSA papers' tables; DD as reported by DC).
 PUBLISHED = {("DC", 1): 70.5, ("DC", 10): 82.3, ("DSA", 1): 70.6, ("DSA", 10): 84.6,
-             ("DD", 1): None, ("DD", 10): None}
+             ("DD", 1): None, ("DD", 10): None, ("MTT", 1): None, ("MTT", 10): None,
+             ("DATM", 1): None, ("DATM", 10): None}
+
+DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 #: Default budget per (method, ipc): distillation steps and the evaluation's epochs and DSA.
 BUDGET = {
@@ -35,7 +45,21 @@ BUDGET = {
     # real images (the recipe's 102 per class cost ~12 s per step here)
     ("DD", 1): {"steps": 100, "epochs": 0, "dsa": "none", "batch_per_class": 32},
     ("DD", 10): {"steps": 30, "epochs": 0, "dsa": "none", "batch_per_class": 32},
+    # trajectory matching against the small buffer: 20 student steps (the recipes: 50-80),
+    # start epochs in [0, 3) matching 2 expert epochs (the buffer has 5)
+    ("MTT", 1): {"steps": 200, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
+                 "args": ["--model.init_args.syn_steps", "20", "--model.init_args.max_start_epoch", "3"]},
+    ("MTT", 10): {"steps": 100, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
+                  "args": ["--model.init_args.syn_steps", "20", "--model.init_args.max_start_epoch", "3"]},
+    ("DATM", 1): {"steps": 200, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
+                  "args": ["--model.init_args.syn_steps", "20", "--model.init_args.max_start_epoch", "3"]},
+    ("DATM", 10): {"steps": 100, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
+                   "args": ["--model.init_args.syn_steps", "20", "--model.init_args.batch_syn", "50",
+                            "--model.init_args.current_max_start_epoch", "2",
+                            "--model.init_args.max_start_epoch", "3",
+                            "--model.init_args.expansion_end", "50"]},
 }
+TRAJECTORY_METHODS = ("MTT", "DATM")
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -57,9 +81,23 @@ def main() -> None:
                         help="real images per class per step (the DC/DSA recipes use 256)")
     parser.add_argument("--runs", type=int, default=3, help="fresh networks per set (default budgets)")
     parser.add_argument("--steps", type=int, default=None, help="override every budget's steps")
+    parser.add_argument("--buffer", default=None, help="expert buffer of MTT/DATM (default <root>/buffer)")
+    parser.add_argument("--experts", type=int, default=4, help="experts of a new buffer")
+    parser.add_argument("--expert_epochs", type=int, default=5, help="epochs of a new buffer's experts")
+    parser.add_argument("--expert_batches", type=int, default=80,
+                        help="batches of 256 per expert epoch of a new buffer")
     args = parser.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
+    buffer = Path(args.buffer or root / "buffer")
+    buffer_seconds = root / "buffer_seconds.txt"
+    if set(args.methods) & set(TRAJECTORY_METHODS) and not buffer_seconds.exists():
+        seconds = run([sys.executable, "-m", "ld3m.cli", "buffer", "--data", "FashionMNIST",
+                       "--folder", str(buffer), "--experts", str(args.experts),
+                       "--epochs", str(args.expert_epochs), "--logits", "true",
+                       "--limit_train_batches", str(args.expert_batches),
+                       "--progress_bar", "false"], root / "buffer_log.txt")
+        buffer_seconds.write_text(f"{seconds:.0f}\n")
     rows = []
     for ipc in args.ipc:
         for method in args.methods:
@@ -80,7 +118,10 @@ def main() -> None:
                                    "--trainer.default_root_dir", str(folder),
                                    "--data.init_args.batch_per_class", str(budget["batch_per_class"]),
                                    "--evaluation.at_end", "false", "--evaluation.every_n_steps", "0",
-                                   "--trainer.enable_progress_bar", "false"], log)
+                                   "--trainer.enable_progress_bar", "false",
+                                   *(["--model.init_args.buffer", str(buffer)]
+                                     if method in TRAJECTORY_METHODS else []),
+                                   *budget.get("args", [])], log)
                 (folder / "fit_seconds.txt").write_text(f"{fit_seconds:.0f}\n")
             elif (folder / "fit_seconds.txt").exists():
                 fit_seconds = float((folder / "fit_seconds.txt").read_text())
