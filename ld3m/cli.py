@@ -8,7 +8,8 @@ flag is Lightning's. Three callbacks are always on and have their own flag group
 
 ``ld3m evaluate --distilled FILE`` runs the evaluation protocol on a saved set (DD's own
 protocol for DD sets). ``ld3m buffer`` trains expert networks and records their trajectories
-(MTT/DATM's buffer, see :mod:`ld3m.experts`).
+(MTT/DATM's buffer, see :mod:`ld3m.experts`). ``ld3m prior`` trains a small latent diffusion
+model on real data for LD3M (see :mod:`ld3m.prior`).
 
 Bad input ends with one ``error:`` line on stderr and exit status 2 (set ``LD3M_DEBUG=1`` for
 the traceback).
@@ -186,6 +187,73 @@ def buffer_main(argv: list[str]) -> int:
     return 0
 
 
+def prior_main(argv: list[str]) -> int:
+    """``ld3m prior``: train a small latent diffusion prior for LD3M on a real dataset."""
+    from ld3m.prior import train_prior
+
+    parser = ArgumentParser(prog="ld3m prior",
+                            description="Train a small class-conditional latent diffusion model on "
+                                        "real data for LD3M: an AutoencoderKL (stage 1), then a "
+                                        "class-conditional UNet2DModel denoiser on its latents "
+                                        "(stage 2), saved as a diffusers folder that "
+                                        "LatentGenerator.from_pretrained (and --model LD3M) loads. "
+                                        "Finished stages are kept in <folder>.parts and an "
+                                        "interrupted stage resumes from its last epoch: rerun the "
+                                        "same command to resume.")
+    parser.add_argument("--data", type=str, default="FashionMNIST",
+                        help=f"dataset: {', '.join(DATASETS)}")
+    parser.add_argument("--data_dir", type=str | None, default=None, help="real dataset folder")
+    parser.add_argument("--folder", type=str | None, default=None,
+                        help="output folder (default runs/prior/<data>)")
+    parser.add_argument("--latent_channels", type=int, default=4, help="channels of the latent")
+    parser.add_argument("--downsample", type=int, default=2,
+                        help="autoencoder downsampling, 2 or 4 (28x28 -> 14x14 or 7x7 latents)")
+    parser.add_argument("--vae_channels", type=str, default="32,64",
+                        help="comma-separated autoencoder channels, one per level "
+                             "(2 levels for --downsample 2, 3 for 4)")
+    parser.add_argument("--unet_channels", type=str, default="64,128",
+                        help="comma-separated UNet channels, one per level; the latent side must "
+                             "divide by 2^(levels-1) (14x14: up to 2 levels, 7x7: 1)")
+    parser.add_argument("--ae_epochs", type=int, default=10, help="autoencoder epochs")
+    parser.add_argument("--denoiser_epochs", type=int, default=30, help="denoiser epochs")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (both stages)")
+    parser.add_argument("--kl_weight", type=float, default=1e-4,
+                        help="weight of the autoencoder's per-pixel KL term")
+    parser.add_argument("--num_train_timesteps", type=int, default=1000,
+                        help="diffusion timesteps of the noise schedule")
+    parser.add_argument("--null_class", type=bool, default=True,
+                        help="train a null class (label dropout 0.1) for classifier-free guidance")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", type=str, default="auto")
+    parser.add_argument("--precision", type=str | None, default=None)
+    parser.add_argument("--limit_train_batches", type=int | float | None, default=None,
+                        help="batches per epoch, or a fraction (default: the whole training set)")
+    parser.add_argument("--progress_bar", type=bool, default=True)
+    args = parser.parse_args(argv)
+    if args.data not in DATASETS:
+        raise ValueError(f"unknown dataset {args.data!r}; choose one of: {', '.join(DATASETS)}")
+    data: RealDataModule = DATASETS[args.data](data_dir=args.data_dir)
+    folder = args.folder or f"runs/prior/{args.data.lower()}"
+    trainer_kwargs = {"accelerator": args.accelerator, "devices": 1, "precision": args.precision,
+                      "enable_progress_bar": args.progress_bar}
+    generator = train_prior(data, folder, latent_channels=args.latent_channels,
+                            downsample=args.downsample, vae_channels=args.vae_channels,
+                            unet_channels=args.unet_channels, ae_epochs=args.ae_epochs,
+                            denoiser_epochs=args.denoiser_epochs, batch_size=args.batch_size,
+                            lr=args.lr, kl_weight=args.kl_weight,
+                            num_train_timesteps=args.num_train_timesteps,
+                            null_class=args.null_class, seed=args.seed,
+                            trainer_kwargs=trainer_kwargs,
+                            limit_train_batches=args.limit_train_batches)
+    meta = generator.meta
+    log.info("prior %s: latent %s, test reconstruction MSE %.4f, test denoising MSE %.4f", folder,
+             "x".join(map(str, generator.latent_shape)),
+             meta.get("autoencoder", {}).get("test_rec_mse", float("nan")),
+             meta.get("denoiser", {}).get("test_denoising_mse", float("nan")))
+    return 0
+
+
 def _launcher_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """``(rank, world_size)`` from the flags, else from torchrun's or SLURM's variables.
 
@@ -209,6 +277,8 @@ def _run(argv: list[str]) -> int:
         return evaluate_main(argv[1:])
     if argv and argv[0] == "buffer":
         return buffer_main(argv[1:])
+    if argv and argv[0] == "prior":
+        return prior_main(argv[1:])
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     Ld3mCLI(DistillationModule, RealDataModule, subclass_mode_model=True, subclass_mode_data=True,
             trainer_defaults=trainer_defaults(), args=argv or ["fit"],
