@@ -257,12 +257,14 @@ class DC(DistillationModule):
             net(real[:, :BN_IMAGES_PER_CLASS].flatten(0, 1))
         net.eval()
 
-    def train_network(self, step: int) -> None:
-        """``inner_loop`` SGD steps of the network on the (detached) synthetic images."""
+    def train_network(self, step: int, images: torch.Tensor | None = None) -> None:
+        """``inner_loop`` SGD steps of the network on the (detached) synthetic images (``images``,
+        e.g. LD3M's rendered ones; default: this module's own)."""
         net, opt = self._scratch["net"], self._scratch["opt"]
         net.train()
         generator = self.shared_generator(step, _SALT_INNER_DSA)
-        images, labels = self.images.detach(), self.labels
+        images = (self.images if images is None else images).detach()
+        labels = self.labels
         for _ in range(self.inner_loop):
             x = self.dsa(images, generator=generator) if self.dsa is not None else images
             loss = F.cross_entropy(net(x), labels)
@@ -271,11 +273,16 @@ class DC(DistillationModule):
             opt.step()
 
     # ------------------------------------------------------------------------------ the loss
-    def matching_loss(self, real: torch.Tensor, net: nn.Module,
-                      generator: torch.Generator) -> torch.Tensor:
-        """Gradient-matching loss of the images against class-balanced ``real`` ``(K, n, ...)``."""
+    def matching_loss(self, real: torch.Tensor, net: nn.Module, generator: torch.Generator,
+                      images: torch.Tensor | None = None) -> torch.Tensor:
+        """Gradient-matching loss of synthetic images against class-balanced ``real`` ``(K, n, ...)``.
+
+        ``images`` (class-major ``(K * ipc, C, H, W)``): the synthetic images to score, e.g.
+        LD3M's rendered ones; default: this module's own ``images``.
+        """
         k, n = real.shape[:2]
-        syn = self.images.view(k, self.ipc, *self.images.shape[1:])
+        images = self.images if images is None else images
+        syn = images.view(k, self.ipc, *images.shape[1:])
         self._freeze_norm_statistics(net, real)
         if self.dsa is not None:
             pairs = [self.dsa.siamese(real[c], syn[c], generator=generator) for c in range(k)]

@@ -74,10 +74,16 @@ class DM(DistillationModule):
         self._scratch["net"] = net
         return reset_parameters(net, generator).train()
 
-    def matching_loss(self, real: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """DM loss of the current images against class-balanced ``real`` ``(K, n, C, H, W)``."""
+    def matching_loss(self, real: torch.Tensor, generator: torch.Generator,
+                      images: torch.Tensor | None = None) -> torch.Tensor:
+        """DM loss of synthetic images against class-balanced ``real`` ``(K, n, C, H, W)``.
+
+        ``images`` (class-major ``(K * ipc, C, H, W)``): the synthetic images to score, e.g.
+        LD3M's rendered ones; default: this module's own ``images``.
+        """
         k, n = real.shape[:2]
-        syn = self.images.view(k, self.ipc, *self.images.shape[1:])
+        images = self.images if images is None else images
+        syn = images.view(k, self.ipc, *images.shape[1:])
         if self.dsa is not None:
             pairs = [self.dsa.siamese(real[c], syn[c], generator=generator) for c in range(k)]
             real = torch.stack([r for r, _ in pairs])

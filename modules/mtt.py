@@ -254,15 +254,19 @@ class MTT(DistillationModule):
         return self.dsa.apply(x, params) if params is not None else x
 
     def matching_loss(self, start: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
-                      gradient: str | None = None) -> torch.Tensor:
-        """The normalised parameter-matching loss from ``start`` towards ``target`` (flat)."""
+                      gradient: str | None = None, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The normalised parameter-matching loss from ``start`` towards ``target`` (flat).
+
+        ``images``: the synthetic images the student trains on (e.g. LD3M's rendered ones, same
+        shape as this module's); default: this module's own ``images``.
+        """
         gradient = gradient or self.resolved_gradient()
         student = self.student()
         batches = self.plan(generator)
         precision = (contextlib.nullcontext() if self.student_autocast
                      else torch.autocast(self.device.type, enabled=False))
         with precision:
-            images = self.images.float()
+            images = (self.images if images is None else images).float()
             syn_lr = self.syn_lr.float()
             targets = self.student_targets()
             targets = targets.float() if targets.is_floating_point() else targets

@@ -152,3 +152,74 @@ def test_ddp_ranks_agree(data_dir: Path, tmp_path: Path, method: str, kwargs: di
             assert torch.equal(load("soft0.pt"), load("soft1.pt")), "the soft labels diverged"
         if kwargs.get("init_mode") == "random_pretrained":
             assert (out / "dd_pretrained.pt").is_file(), "the pool was not saved"
+
+
+# ---------------------------------------------------------------------------------- LD3M
+LD3M_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    import lightning as L
+    import torch
+
+    sys.path.insert(0, sys.argv[1])
+    from test_ld3m import TinyData  # noqa: E402
+
+    from ld3m.modules import LD3M  # noqa: E402
+
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            torch.save(pl_module.latents.detach().clone(), f"{out}/init{trainer.global_rank}.pt")
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                torch.save(batch[0].clone(), f"{out}/batch{trainer.global_rank}.pt")
+
+
+    out, kwargs, precision = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    torch.set_num_threads(1)
+    model = LD3M(**kwargs)
+    data = TinyData(data_dir=out, batch_per_class=2)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2,
+                        precision=precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=out, callbacks=[Record()])
+    trainer.fit(model, datamodule=data)
+    assert trainer.world_size == 2 and trainer.global_step == 2
+    torch.save({"latents": model.latents.detach(), "embeddings": model.embeddings.detach()},
+               f"{out}/rank{trainer.global_rank}.pt")
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_ld3m_ranks_end_with_identical_latents(tmp_path: Path) -> None:
+    """LD3M on the tiny generator and data of ``test_ld3m.py``, 2 CPU processes (gloo): each rank
+    draws its own real batches and DM networks; only LD3M's all-reduce of the gradients of z and
+    c (its chunked backward bypasses DDP's reducer) keeps the ranks' latents identical."""
+    from test_generator import tiny_generator
+
+    gen_dir = tiny_generator().save_pretrained(tmp_path / "generator")
+    script = tmp_path / "ddp_ld3m.py"
+    script.write_text(LD3M_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    kwargs = {"generator": str(gen_dir), "ipc": 1, "steps": 2, "chunk_size": 2,
+              "network": "ConvNetD1", "dsa": "none", "lr_latent": 0.05, "lr_embedding": 0.05}
+    env = {**os.environ}
+    for var in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(var, None)
+    result = subprocess.run(
+        [sys.executable, str(script), str(Path(__file__).parent), str(out), json.dumps(kwargs),
+         "32-true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    final0, final1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    init0, init1 = torch.load(out / "init0.pt"), torch.load(out / "init1.pt")
+    assert torch.equal(init0, init1), "the ranks started from different latents"
+    assert not torch.equal(torch.load(out / "batch0.pt"), torch.load(out / "batch1.pt"))
+    assert torch.isfinite(final0["latents"]).all()
+    assert not torch.equal(final0["latents"], init0), "no training happened"
+    assert torch.equal(final0["latents"], final1["latents"]), "the ranks' latents diverged"
+    assert torch.equal(final0["embeddings"], final1["embeddings"]), "the embeddings diverged"

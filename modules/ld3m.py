@@ -1,0 +1,430 @@
+"""LD3M: dataset distillation in the latent space of a diffusion model (Moser et al. 2024).
+
+Every synthetic image is rendered by a frozen class-conditional latent diffusion model
+(:class:`ld3m.generator.LatentGenerator`) from a learnable latent ``z`` and a learnable class
+embedding ``c``: ``T`` DDIM steps from ``q_sample(z, t_T)`` with LD3M's skip, then the decoder.
+``z`` starts as the encoding of a random real image of the class, ``c`` as the class's row of
+the denoiser's table; the ``q_sample`` noise is one fixed tensor per image, drawn from ``seed``.
+
+The objective is one of the pixel methods' losses, applied to the rendered images: ``dm``
+(:meth:`ld3m.modules.DM.matching_loss`), ``dc`` (:meth:`ld3m.modules.DC.matching_loss`, with
+DC's network re-drawn every ``outer_loop`` steps and trained ``inner_loop`` steps on the
+rendered images in between) or ``mtt`` (:meth:`ld3m.modules.MTT.matching_loss` against an expert
+of ``buffer``, with a learnable student lr ``syn_lr`` owned here). The method's module is held as
+a helper (not a submodule), built with the same IPC, network, DSA and seed, and is only asked for
+its loss. (``dc``'s network is not saved in LD3M checkpoints: a resumed ``dc`` run re-draws it.)
+
+**Memory** (the GLaD/LD3M trick): each step renders the images without a graph, takes
+``dLoss/dImages`` at the detached images, then back-propagates it through the generator
+``chunk_size`` images at a time (:meth:`LatentGenerator.backward_in_chunks`). Peak memory is
+that of one chunk's render (with the denoiser checkpointed), whatever the IPC.
+
+**Training**: manual optimisation (one SGD step of ``z`` and ``c`` per training step). The
+chunked backward runs outside Lightning's backward, into fresh leaves, so DDP's reducer never
+sees it; under DDP the gradients of ``z`` and ``c`` are then averaged across ranks with an
+all-reduce before the step (every rank holds the same ``z``, ``c`` and noise, so they stay equal).
+
+**What is stored**: ``latents``, ``embeddings`` and the ``noise`` are in the state dict (and
+checkpoints); so are the last rendered ``images`` (a buffer, refreshed lazily by
+:meth:`LD3M.synthetic_images`). The generator is not: it is loaded from its folder (``generator``)
+and kept in a plain dict, so it stays out of checkpoints and of DDP's broadcast. The exported set
+holds the decoded images plus ``extra.latents``/``extra.embeddings``/``extra.noise`` and, in its
+metadata, the generator folder and the rendering settings, so :func:`rerender` can render it
+again (e.g. with other ``steps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ld3m.modules.base import DistillationModule, check_network_name
+from ld3m.modules.dc import DC
+from ld3m.modules.dm import DM
+from ld3m.modules.mtt import GRADIENT_MODES, MTT
+from torch import nn
+
+from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
+from ld3m.generator import LatentGenerator
+from ld3m.synthetic import SyntheticSet
+
+__all__ = ["OBJECTIVES", "LD3M", "rerender"]
+
+OBJECTIVES = ("dm", "dc", "mtt")
+
+#: Images per generator call when rendering without a graph.
+RENDER_BATCH = 256
+
+_SALT_NOISE = 31
+
+
+def _render(gen: LatentGenerator, z: torch.Tensor, c: torch.Tensor, noise: torch.Tensor, steps: int,
+            skip: bool, guidance: float) -> torch.Tensor:
+    """Render without a graph, ``RENDER_BATCH`` images per call."""
+    with torch.no_grad():
+        parts = [gen.render(zp, cp, steps, skip=skip, guidance=guidance, checkpoint=False, noise=npart)
+                 for zp, cp, npart in zip(z.split(RENDER_BATCH), c.split(RENDER_BATCH),
+                                          noise.split(RENDER_BATCH), strict=True)]
+    return torch.cat(parts)
+
+
+class LD3M(DistillationModule):
+    """Latent distillation through a frozen class-conditional latent diffusion model.
+
+    Args:
+        generator: Folder of the frozen generator (``LatentGenerator.save_pretrained`` or
+            ``ld3m prior``); its classes and image shape must be the data's.
+        ipc: Synthetic images per class.
+        objective: The loss applied to the rendered images: ``dm`` (distribution matching),
+            ``dc`` (gradient matching) or ``mtt`` (trajectory matching; needs ``buffer``).
+        steps: DDIM steps ``T`` of each render (more: slower, closer to the model's samples).
+        guidance: Classifier-free guidance scale (1: none; needs a generator with a null class).
+        skip: LD3M's skip from the initial latent (``x0_hat = (1 - i/T') x0_hat + (i/T') z``).
+        chunk_size: Images re-rendered per backward pass (bounds the memory).
+        lr_latent: Learning rate of the latents ``z`` (SGD).
+        lr_embedding: Learning rate of the class embeddings ``c`` (SGD).
+        momentum: Momentum of the SGD of ``z`` and ``c``.
+        network: Network of the objective (see ``ld3m.networks``).
+        dsa: DSA strategy of the objective; ``"none"`` disables it.
+        lr_net: ``dc``: learning rate of the network's inner SGD.
+        outer_loop: ``dc``: image updates per random network (default: DC's, by IPC).
+        inner_loop: ``dc``: network SGD steps between updates (default: DC's, by IPC).
+        buffer: ``mtt``: folder of expert trajectories (``ld3m buffer``) of the same data.
+        syn_steps: ``mtt``: student SGD steps per iteration (N).
+        expert_epochs: ``mtt``: expert epochs the student must cover (M).
+        max_start_epoch: ``mtt``: start epochs are drawn from ``[min_start_epoch, max_start_epoch)``.
+        min_start_epoch: ``mtt``: lower end of the start epochs.
+        lr_teacher: ``mtt``: initial (learnable) student learning rate.
+        lr_lr: ``mtt``: SGD learning rate of the student learning rate.
+        batch_syn: ``mtt``: synthetic images per student step (default: all).
+        mtt_gradient: ``mtt``: ``unroll``, ``recompute`` or ``auto`` (as MTT's ``gradient``).
+        seed: Seed of the initialisation, the noise and every random draw of the objective.
+        num_classes: Number of classes (default: from the data module).
+        image_shape: ``(C, H, W)`` (default: from the data module).
+    """
+
+    method_name = "LD3M"
+
+    def __init__(self, generator: str, ipc: int = 10, objective: str = "dm", steps: int = 10,
+                 guidance: float = 1.0, skip: bool = True, chunk_size: int = 10,
+                 lr_latent: float = 0.01, lr_embedding: float = 0.01, momentum: float = 0.5,
+                 network: str = "ConvNet", dsa: str = DEFAULT_DSA, lr_net: float = 0.01,
+                 outer_loop: int | None = None, inner_loop: int | None = None,
+                 buffer: str | None = None, syn_steps: int = 20, expert_epochs: int = 2,
+                 max_start_epoch: int = 20, min_start_epoch: int = 0, lr_teacher: float = 0.01,
+                 lr_lr: float = 1e-5, batch_syn: int | None = None, mtt_gradient: str = "auto",
+                 seed: int = 0, num_classes: int | None = None,
+                 image_shape: tuple[int, int, int] | None = None) -> None:
+        for name, value in (("lr_latent", lr_latent), ("lr_embedding", lr_embedding),
+                            ("lr_net", lr_net), ("lr_teacher", lr_teacher), ("lr_lr", lr_lr)):
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        super().__init__(ipc=ipc, init="real", lr_img=lr_latent, momentum=momentum, seed=seed)
+        objective = str(objective).lower()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if objective == "mtt":
+            if not buffer:
+                raise ValueError("objective 'mtt' needs a buffer of expert trajectories "
+                                 "(--model.buffer, made with `ld3m buffer`)")
+            if syn_steps < 1 or expert_epochs < 1:
+                raise ValueError(f"syn_steps and expert_epochs must be at least 1, got {syn_steps} "
+                                 f"and {expert_epochs}")
+            if not 0 <= min_start_epoch < max_start_epoch:
+                raise ValueError(f"need 0 <= min_start_epoch < max_start_epoch, got "
+                                 f"{min_start_epoch} and {max_start_epoch}")
+            if batch_syn is not None and batch_syn < 1:
+                raise ValueError(f"batch_syn must be at least 1, got {batch_syn}")
+            if mtt_gradient not in GRADIENT_MODES:
+                raise ValueError(f"mtt_gradient must be one of {GRADIENT_MODES}, got {mtt_gradient!r}")
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be finite, got {guidance}")
+        if outer_loop is not None and outer_loop < 1:
+            raise ValueError(f"outer_loop must be at least 1, got {outer_loop}")
+        if inner_loop is not None and inner_loop < 0:
+            raise ValueError(f"inner_loop must be >= 0, got {inner_loop}")
+        check_network_name(network)
+        folder = Path(generator).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no LD3M generator folder at {folder} (make one with `ld3m prior`)")
+        self.save_hyperparameters()
+        self.generator_dir = str(folder.resolve())
+        self.objective = objective
+        self.steps, self.chunk_size = int(steps), int(chunk_size)
+        self.guidance, self.skip = float(guidance), bool(skip)
+        self.lr_latent, self.lr_embedding = lr_latent, lr_embedding
+        self.network, self.dsa_strategy = network, dsa
+        self.lr_net, self.outer_loop, self.inner_loop = lr_net, outer_loop, inner_loop
+        self.buffer_dir = buffer
+        self.mtt_args = dict(syn_steps=syn_steps, expert_epochs=expert_epochs,
+                             max_start_epoch=max_start_epoch, min_start_epoch=min_start_epoch,
+                             lr_teacher=lr_teacher, lr_lr=lr_lr, batch_syn=batch_syn,
+                             gradient=mtt_gradient)
+        self.lr_lr = lr_lr
+        #: ``mtt``: the student's learnable learning rate (shared with the MTT helper).
+        self.syn_lr = nn.Parameter(torch.tensor(float(lr_teacher))) if objective == "mtt" else None
+        self.uses_real_batches = objective != "mtt"
+        self.latents: nn.Parameter | None = None
+        self.embeddings: nn.Parameter | None = None
+        # The frozen generator and the objective's module: plain dict, not submodules (out of
+        # the state dict, checkpoints and DDP).
+        self._frozen: dict[str, Any] = {}
+        self._stale = True  # self.images is older than the latents
+        self.automatic_optimization = False
+        if num_classes is not None and image_shape is not None:
+            self._allocate(int(num_classes), tuple(image_shape))
+
+    # ------------------------------------------------------------------------------ set-up
+    def latent_generator(self) -> LatentGenerator:
+        """The frozen generator, loaded on first use and moved to this module's device."""
+        gen = self._frozen.get("generator")
+        if gen is None:
+            gen = self._frozen["generator"] = LatentGenerator.from_pretrained(self.generator_dir)
+        if next(gen.parameters()).device != self.device:
+            gen = self._frozen["generator"] = gen.to(self.device)
+        return gen
+
+    def _allocate(self, num_classes: int, image_shape: tuple[int, ...]) -> None:
+        image_shape = tuple(int(s) for s in image_shape)
+        gen = self.latent_generator()
+        if (num_classes, image_shape) != (gen.num_classes, gen.image_shape):
+            raise ValueError(f"the generator {self.generator_dir} renders {gen.num_classes} classes of "
+                             f"{gen.image_shape}, but the data has {num_classes} of {image_shape}")
+        if self.guidance != 1.0 and gen.null_class is None:
+            raise ValueError(f"guidance={self.guidance} needs a generator with a null class; "
+                             f"{self.generator_dir} has none (use --model.guidance 1)")
+        self.num_classes, self.image_shape = num_classes, image_shape
+        n = num_classes * self.ipc
+        self.latents = nn.Parameter(torch.zeros(n, *gen.latent_shape))
+        self.embeddings = nn.Parameter(torch.zeros(n, gen.embed_dim))
+        noise = gen.draw_noise(n, torch.Generator().manual_seed(self.seed * 1_000_003 + _SALT_NOISE))
+        self.register_buffer("noise", noise)
+        self.__dict__.pop("images", None)  # the base class's placeholder attribute
+        self.register_buffer("images", torch.zeros(n, *image_shape))
+        self.labels = torch.arange(num_classes).repeat_interleave(self.ipc)
+        self._stale = True
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not self._initialised:
+            dm = self.real_data
+            dm.setup("fit")
+            if getattr(dm, "zca_settings", None):
+                raise ValueError("LD3M renders unwhitened images: use the data without ZCA "
+                                 "(--data.zca false)")
+            gen = self.latent_generator()
+            for name, ours, theirs in (("mean", gen.image_mean, dm.mean), ("std", gen.image_std, dm.std)):
+                if len(ours) != len(theirs) or any(abs(a - b) > 2e-3 for a, b in zip(ours, theirs, strict=False)):
+                    raise ValueError(f"the generator's image {name} {tuple(ours)} is not the data's "
+                                     f"{tuple(theirs)}: it was trained for other data")
+        super().setup(stage)
+        if stage == "fit":
+            self.objective_module()
+
+    def initialise(self, dm) -> None:
+        """Encode ``ipc`` random real images per class (drawn from ``seed``) into the latents and
+        copy the classes' table rows into the embeddings (identically on every rank)."""
+        gen = self.latent_generator()
+        real = dm.sample_per_class(self.ipc, torch.Generator().manual_seed(self.seed)).flatten(0, 1)
+        with torch.no_grad():
+            device, dtype = self.latents.device, self.latents.dtype
+            z = gen.encode(real.to(device=device, dtype=next(gen.parameters()).dtype))
+            self.latents.copy_(z.to(dtype))
+            self.embeddings.copy_(gen.class_embedding(self.labels.to(device)).to(dtype))
+        self._stale = True
+
+    def objective_module(self) -> DM | DC | MTT:
+        """The pixel method whose loss scores the rendered images (frozen helper, built once).
+
+        ``mtt``: its learnable ``syn_lr`` is replaced by this module's (so it is trained,
+        checkpointed and synchronised here), and the buffer is checked against the data.
+        """
+        helper = self._frozen.get("objective")
+        if helper is None:
+            common = dict(ipc=self.ipc, init="real", dsa=self.dsa_strategy, seed=self.seed,
+                          num_classes=self.num_classes, image_shape=self.image_shape)
+            if self.objective == "dm":
+                helper = DM(network=self.network, **common)
+            elif self.objective == "dc":
+                helper = DC(network=self.network, lr_net=self.lr_net, outer_loop=self.outer_loop,
+                            inner_loop=self.inner_loop, **common)
+            else:
+                helper = MTT(self.buffer_dir, **self.mtt_args, **common)
+                self._check_buffer(helper)
+                helper.syn_lr = self.syn_lr
+            helper.images.requires_grad_(False)
+            self._frozen["objective"] = helper
+        if self.objective == "mtt":
+            helper.syn_lr = self.syn_lr  # the same Parameter (a .to() may have replaced ours)
+        return helper.to(self.device)
+
+    def _check_buffer(self, helper: MTT) -> None:
+        info = helper.buffer.info
+        if (info["num_classes"], tuple(info["image_shape"])) != (self.num_classes, self.image_shape):
+            raise ValueError(f"the buffer {self.buffer_dir} was trained on {info['dataset']} "
+                             f"({info['num_classes']} classes of {tuple(info['image_shape'])}), "
+                             f"not {self.num_classes} classes of {self.image_shape}")
+        if info.get("zca"):
+            raise ValueError(f"the buffer {self.buffer_dir} was trained on ZCA-whitened images; "
+                             "LD3M renders unwhitened ones")
+        needed = helper.max_start_epoch - 1 + helper.expert_epochs
+        if needed > helper.buffer.epochs:
+            raise ValueError(f"max_start_epoch {helper.max_start_epoch} + expert_epochs "
+                             f"{helper.expert_epochs} needs experts of at least {needed} epochs; "
+                             f"the buffer has {helper.buffer.epochs}")
+
+    # ------------------------------------------------------------------------------ rendering
+    def render(self) -> torch.Tensor:
+        """Render the current latents (no graph) and store them in ``images``; returns them."""
+        gen = self.latent_generator()
+        images = _render(gen, self.latents.detach(), self.embeddings.detach(), self.noise,
+                         self.steps, self.skip, self.guidance)
+        self.images.copy_(images)
+        self._stale = False
+        return images
+
+    def synthetic_images(self) -> torch.Tensor:
+        """The rendered images of the current latents (normalised space), ``(classes * ipc, C, H, W)``."""
+        if self.latents is None:
+            raise ValueError("LD3M has no latents yet: fit it or give num_classes and image_shape")
+        if self._stale:
+            self.render()
+        return self.images.detach()
+
+    def backward_images(self, image_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dLoss/dImages`` -> gradients of the latents and embeddings, by the chunked backward.
+
+        The gradients are computed into detached leaves (DDP's reducer never sees them), averaged
+        across DDP ranks, and added to ``latents.grad`` and ``embeddings.grad``.
+
+        Returns:
+            The (averaged) gradients of ``z`` and ``c``.
+        """
+        gen = self.latent_generator()
+        z = self.latents.detach().requires_grad_()
+        c = self.embeddings.detach().requires_grad_()
+        gen.backward_in_chunks(z, c, image_grad, self.steps, self.chunk_size, noise=self.noise,
+                               skip=self.skip, guidance=self.guidance)
+        grads = [z.grad if z.grad is not None else torch.zeros_like(z),
+                 c.grad if c.grad is not None else torch.zeros_like(c)]
+        grads = self._all_reduce(grads)
+        for param, g in zip((self.latents, self.embeddings), grads, strict=True):
+            param.grad = g.to(param.dtype) if param.grad is None else param.grad + g.to(param.dtype)
+        return grads[0], grads[1]
+
+    def _all_reduce(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Average ``grads`` in place across DDP ranks (a no-op on one process)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            for g in grads:
+                dist.all_reduce(g)
+                g.div_(world)
+        return grads
+
+    # ------------------------------------------------------------------------------ the loss
+    def objective_loss(self, images: torch.Tensor, real: torch.Tensor | None, step: int,
+                       generator: torch.Generator) -> torch.Tensor:
+        """The objective's loss of ``images`` (class-major) against the real batch ``(K, n, ...)``
+        (``mtt``: against an expert drawn from ``generator``; ``real`` is unused)."""
+        helper = self.objective_module()
+        if self.objective == "dm":
+            return helper.matching_loss(real, generator, images=images)
+        if self.objective == "mtt":
+            start, target = helper.draw_expert(generator)
+            return helper.matching_loss(start, target, generator, images=images)
+        net = helper._network_for(step)
+        return helper.matching_loss(real, net, generator, images=images)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        real = None
+        if self.objective != "mtt":  # mtt reads expert trajectories: the batches are step indices
+            real, _ = batch
+            if real.dim() != 5 or real.shape[0] != self.num_classes:
+                raise ValueError(f"LD3M expects class-balanced batches of {self.num_classes} "
+                                 f"classes, got shape {tuple(real.shape)}")
+        step = self.global_step  # read before the optimizer step increments it
+        x = self.render().detach().float().requires_grad_()
+        loss = self.check_finite(self.objective_loss(x, real, step, self.step_generator()))
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        if self.syn_lr is not None:
+            image_grad, lr_grad = torch.autograd.grad(loss, [x, self.syn_lr])
+            self.syn_lr.grad = self._all_reduce([lr_grad])[0]
+            self.log("syn_lr", self.syn_lr.detach())
+        else:
+            (image_grad,) = torch.autograd.grad(loss, x)
+        z_grad, c_grad = self.backward_images(image_grad)
+        if not (torch.isfinite(z_grad).all() and torch.isfinite(c_grad).all()):
+            raise FloatingPointError(f"LD3M gradients of the latents became non-finite at step {step}; "
+                                     "the latents were not updated (try a smaller lr_latent)")
+        optimizer.step()
+        self._stale = True
+        if self.objective == "dc":
+            helper = self.objective_module()
+            if step % helper.outer_loop != helper.outer_loop - 1 and helper.inner_loop > 0:
+                helper.train_network(step, images=self.synthetic_images().float())
+        self.log("loss", loss.detach(), prog_bar=True)
+        return loss.detach()
+
+    def configure_optimizers(self):
+        groups = [{"params": [self.latents], "lr": self.lr_latent},
+                  {"params": [self.embeddings], "lr": self.lr_embedding}]
+        if self.syn_lr is not None:
+            groups.append({"params": [self.syn_lr], "lr": self.lr_lr})
+        return torch.optim.SGD(groups, lr=self.lr_latent, momentum=self.momentum)
+
+    # ------------------------------------------------------------------------------ export
+    def export_extra(self) -> dict[str, Any]:
+        lr = {"lr": self.syn_lr.detach().float().cpu().clone()} if self.syn_lr is not None else {}
+        return {**lr, "extra": {"latents": self.latents.detach().float().cpu().clone(),
+                          "embeddings": self.embeddings.detach().float().cpu().clone(),
+                          "noise": self.noise.detach().float().cpu().clone()},
+                "meta": {"ld3m": {"generator": self.generator_dir, "steps": self.steps,
+                                  "skip": self.skip, "guidance": self.guidance,
+                                  "objective": self.objective}}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._stale = True
+
+
+def rerender(synthetic: SyntheticSet, generator: str | LatentGenerator | None = None,
+             steps: int | None = None, *, device: torch.device | str | None = None) -> SyntheticSet:
+    """Render an LD3M set's stored latents again, e.g. with another number of steps.
+
+    Args:
+        synthetic: A set exported by :class:`LD3M` (with ``extra.latents``, ``extra.embeddings``,
+            ``extra.noise`` and ``meta["ld3m"]``).
+        generator: The generator (or its folder); default: the folder recorded in the set.
+        steps: DDIM steps; default: the set's.
+        device: Render there (default: the CPU, or the generator's device).
+
+    Returns:
+        A copy of the set with the new images and ``meta["ld3m"]["steps"]`` updated.
+    """
+    info = synthetic.meta.get("ld3m")
+    missing = [k for k in ("latents", "embeddings", "noise") if k not in synthetic.extra]
+    if not isinstance(info, dict) or missing:
+        raise ValueError("not an LD3M set: it lacks meta['ld3m'] or extra."
+                         + "/".join(missing or ["latents"]))
+    if generator is None:
+        generator = info["generator"]
+    gen = generator if isinstance(generator, LatentGenerator) else LatentGenerator.from_pretrained(generator)
+    if device is not None:
+        gen = gen.to(device)
+    steps = int(info["steps"] if steps is None else steps)
+    where = next(gen.parameters())
+    z, c, noise = (synthetic.extra[k].to(device=where.device, dtype=where.dtype)
+                   for k in ("latents", "embeddings", "noise"))
+    images = _render(gen, z, c, noise, steps, bool(info.get("skip", True)),
+                     float(info.get("guidance", 1.0))).float().cpu()
+    meta = dict(synthetic.meta)
+    meta["ld3m"] = {**info, "steps": steps}
+    return dataclasses.replace(synthetic, images=images, meta=meta)

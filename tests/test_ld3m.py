@@ -1,0 +1,257 @@
+"""LD3M (``ld3m.modules.LD3M``) on a tiny random generator and tiny synthetic real data.
+
+The generator is ``tiny_generator()`` of ``test_generator.py`` (3 classes of 1x16x16 images,
+4x8x8 latents) saved to ``tmp_path``; the real data is a 3-class 16x16 data module built here
+(Fashion-MNIST is 28x28, which the tiny generator does not render). The 2-process DDP run of
+LD3M is in ``test_ddp.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from helpers import cpu_trainer
+from ld3m.datamodules.real import RealDataModule
+from ld3m.modules import LD3M
+from ld3m.modules.ld3m import rerender
+from test_generator import tiny_generator
+
+from ld3m.generator import LatentGenerator
+from ld3m.synthetic import SyntheticSet
+
+NET = "ConvNetW32"
+STEPS = 3
+
+
+class TinyData(RealDataModule):
+    """3 classes of 1x16x16 uint8 images: a class pattern plus noise, 12 per class."""
+
+    dataset_name = "Tiny"
+    num_classes = 3
+    image_shape = (1, 16, 16)
+    mean = (0.2860,)
+    std = (0.3530,)
+
+    def _dataset(self, train: bool, transform):
+        g = torch.Generator().manual_seed(0 if train else 1)
+        labels = torch.arange(3).repeat_interleave(12)
+        pattern = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+        images = pattern[labels] * 180 + torch.rand(len(labels), 1, 16, 16, generator=g) * 75
+        return SimpleNamespace(data=images.to(torch.uint8), targets=labels)
+
+    @staticmethod
+    def _tensors(dataset):
+        return dataset.data, dataset.targets
+
+
+@pytest.fixture(scope="module")
+def gen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("gen") / "tiny"
+    tiny_generator().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> TinyData:
+    dm = TinyData(data_dir=str(tmp_path), batch_per_class=4)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _model(gen_dir: Path, **kwargs) -> LD3M:
+    args = dict(generator=str(gen_dir), ipc=2, steps=STEPS, chunk_size=2, network=NET, seed=3)
+    return LD3M(**{**args, **kwargs})
+
+
+class _Initial(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.z = pl_module.latents.detach().clone()
+        self.c = pl_module.embeddings.detach().clone()
+
+
+# ---------------------------------------------------------------------------------- arguments
+def test_bad_arguments(gen_dir: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="objective"):
+        _model(gen_dir, objective="gm")
+    with pytest.raises(ValueError, match="steps"):
+        _model(gen_dir, steps=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        _model(gen_dir, chunk_size=0)
+    with pytest.raises(ValueError, match="buffer"):
+        _model(gen_dir, objective="mtt")
+    with pytest.raises(ValueError, match="min_start_epoch"):
+        _model(gen_dir, objective="mtt", buffer=str(tmp_path), max_start_epoch=0)
+    with pytest.raises(ValueError, match="mtt_gradient"):
+        _model(gen_dir, objective="mtt", buffer=str(tmp_path), mtt_gradient="exact")
+    with pytest.raises(ValueError, match="lr_latent"):
+        _model(gen_dir, lr_latent=0.0)
+    with pytest.raises(ValueError, match="network"):
+        _model(gen_dir, network="NoSuchNet")
+    with pytest.raises(FileNotFoundError, match="generator folder"):
+        _model(tmp_path / "missing")
+    with pytest.raises(ValueError, match="renders 3 classes"):
+        _model(gen_dir, num_classes=10, image_shape=(1, 16, 16))
+    no_null = tmp_path / "no_null"
+    tiny_generator(null=False).save_pretrained(no_null)
+    with pytest.raises(ValueError, match="null class"):
+        _model(no_null, guidance=2.0, num_classes=3, image_shape=(1, 16, 16))
+
+
+# ---------------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("objective", ["dm", "dc"])
+def test_chunked_gradient_equals_full_graph(gen_dir: Path, data: TinyData, objective: str):
+    """The render-without-graph + chunked backward gives the gradient of one full-graph render."""
+    model = _model(gen_dir, num_classes=3, image_shape=(1, 16, 16), chunk_size=4,
+                   objective=objective)
+    model.initialise(data)
+    real = data.sample_per_class(4, torch.Generator().manual_seed(1))
+    gen = model.latent_generator()
+
+    images = gen.render(model.latents, model.embeddings, STEPS, noise=model.noise)
+    full = model.objective_loss(images, real, 0, torch.Generator().manual_seed(5))
+    full.backward()
+    z_full, c_full = model.latents.grad.clone(), model.embeddings.grad.clone()
+    model.latents.grad = model.embeddings.grad = None
+
+    x = model.render().requires_grad_()
+    torch.testing.assert_close(x.detach(), images.detach(), rtol=1e-5, atol=1e-5)
+    loss = model.objective_loss(x, real, 0, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(loss, full.detach())
+    (image_grad,) = torch.autograd.grad(loss, x)
+    z_grad, c_grad = model.backward_images(image_grad)  # 6 images in chunks of 4 and 2
+    assert z_full.abs().sum() > 0 and c_full.abs().sum() > 0
+    # float32 rounding only: within 1e-4 of the largest entry (and far from a mere correlation)
+    z_tol, c_tol = 1e-4 * z_full.abs().max().item(), 1e-4 * c_full.abs().max().item()
+    torch.testing.assert_close(model.latents.grad, z_full, rtol=1e-4, atol=z_tol)
+    torch.testing.assert_close(model.embeddings.grad, c_full, rtol=1e-4, atol=c_tol)
+    torch.testing.assert_close(z_grad, z_full, rtol=1e-4, atol=z_tol)
+
+
+def test_dm_loss_decreases_on_a_fixed_batch(gen_dir: Path, data: TinyData):
+    model = _model(gen_dir, num_classes=3, image_shape=(1, 16, 16), lr_latent=0.05,
+                   lr_embedding=0.05, dsa="none")
+    model.initialise(data)
+    real = data.sample_per_class(8, torch.Generator().manual_seed(1))
+    opt = model.configure_optimizers()
+    losses = []
+    for _ in range(4):
+        x = model.render().requires_grad_()
+        loss = model.objective_loss(x, real, 0, torch.Generator().manual_seed(5))
+        (image_grad,) = torch.autograd.grad(loss, x)
+        opt.zero_grad()
+        model.backward_images(image_grad)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0] and losses == sorted(losses, reverse=True), losses
+
+
+# ---------------------------------------------------------------------------------- fits
+def test_fit_dm_updates_z_and_c_keeps_generator_frozen_and_exports(gen_dir: Path, data: TinyData,
+                                                                    tmp_path: Path):
+    model = _model(gen_dir, lr_latent=0.05, lr_embedding=0.05)
+    initial = _Initial()
+    trainer = cpu_trainer(tmp_path, max_steps=2, callbacks=[initial])
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2
+
+    # gradients reached z and c: both moved, and stay finite
+    assert torch.isfinite(model.latents).all() and torch.isfinite(model.embeddings).all()
+    assert not torch.allclose(model.latents, initial.z)
+    assert not torch.allclose(model.embeddings, initial.c)
+    # z started as the encodings of the seed's real images, c as the classes' table rows
+    fresh = LatentGenerator.from_pretrained(gen_dir)
+    real = data.sample_per_class(2, torch.Generator().manual_seed(3)).flatten(0, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(initial.z, fresh.encode(real))
+    torch.testing.assert_close(initial.c, fresh.class_embedding(model.labels))
+
+    # the generator is frozen, unchanged, and absent from the state dict and the checkpoint
+    used = model.latent_generator()
+    assert all(not p.requires_grad for p in used.parameters())
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(used.state_dict()[key], value, rtol=0, atol=0)
+    keys = set(model.state_dict())
+    assert keys == {"latents", "embeddings", "noise", "images", "labels"}
+    ckpt = tmp_path / "ld3m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert set(torch.load(ckpt, weights_only=False)["state_dict"]) == keys
+
+    # export: the decoded images of the current latents, plus what re-renders them
+    s = model.synthetic_set()
+    expected = model.render()
+    torch.testing.assert_close(s.images, expected)
+    assert (s.method, s.ipc, s.num_classes) == ("LD3M", 2, 3)
+    assert s.meta["ld3m"]["steps"] == STEPS
+    path = s.save(tmp_path / "set.safetensors")
+    loaded = SyntheticSet.load(path)
+    again = rerender(loaded)
+    torch.testing.assert_close(again.images, s.images, rtol=1e-5, atol=1e-5)
+    other = rerender(loaded, steps=STEPS + 2)
+    assert other.meta["ld3m"]["steps"] == STEPS + 2
+    assert other.images.shape == s.images.shape and not torch.allclose(other.images, s.images)
+    with pytest.raises(ValueError, match="not an LD3M set"):
+        rerender(SyntheticSet(images=s.images, labels=s.labels, mean=s.mean, std=s.std,
+                              num_classes=3, method="DM", dataset="Tiny", ipc=2))
+
+    # resuming from the checkpoint restores the latents into a fresh module
+    restored = LD3M.load_from_checkpoint(ckpt)
+    torch.testing.assert_close(restored.latents, model.latents)
+    torch.testing.assert_close(restored.synthetic_images(), s.images)
+
+
+def test_fit_dc_objective(gen_dir: Path, data: TinyData, tmp_path: Path):
+    model = _model(gen_dir, objective="dc", outer_loop=2, inner_loop=1, dsa="none")
+    initial = _Initial()
+    trainer = cpu_trainer(tmp_path, max_steps=2, callbacks=[initial])
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2
+    assert torch.isfinite(model.latents).all()
+    assert not torch.allclose(model.latents, initial.z)
+    assert not torch.allclose(model.embeddings, initial.c)
+
+
+def test_fit_bf16_mixed(gen_dir: Path, data: TinyData, tmp_path: Path):
+    model = _model(gen_dir)
+    initial = _Initial()
+    trainer = cpu_trainer(tmp_path, max_steps=2, callbacks=[initial], precision="bf16-mixed")
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2
+    assert model.latents.dtype == torch.float32
+    assert torch.isfinite(model.latents).all() and torch.isfinite(model.embeddings).all()
+    assert not torch.allclose(model.latents, initial.z)
+    assert torch.isfinite(model.synthetic_images()).all()
+
+
+def test_fit_mtt_objective(gen_dir: Path, data: TinyData, tmp_path: Path):
+    from test_mtt import write_buffer
+
+    buffer = write_buffer(tmp_path / "buffer", shape=(1, 16, 16), epochs=3)
+    model = _model(gen_dir, objective="mtt", buffer=str(buffer), syn_steps=2, expert_epochs=1,
+                   max_start_epoch=2, lr_lr=1e-3, dsa="none", mtt_gradient="recompute")
+    initial = _Initial()
+    trainer = cpu_trainer(tmp_path, max_steps=2, callbacks=[initial])
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2
+    assert not torch.allclose(model.latents, initial.z)
+    assert not torch.allclose(model.embeddings, initial.c)
+    assert model.syn_lr.item() != pytest.approx(0.01, abs=1e-9)  # the student lr is learned
+    assert "syn_lr" in model.state_dict()
+    s = model.synthetic_set()
+    assert s.lr is not None and s.lr.item() == pytest.approx(model.syn_lr.item())
+
+    too_short = _model(gen_dir, objective="mtt", buffer=str(buffer), max_start_epoch=5)
+    with pytest.raises(ValueError, match="epochs"):
+        cpu_trainer(tmp_path, max_steps=1).fit(too_short, datamodule=data)
+
