@@ -1,0 +1,468 @@
+"""DQ: dataset quantization (Zhou et al., ICCV 2023). Coreset selection, not synthesis.
+
+1. **Embedding network.** A network trained on the real training set: loaded from
+   ``embed_checkpoint``, or trained by the module in a short Lightning run (the evaluation
+   protocol's :class:`ld3m.evaluation.Classifier`: SGD, momentum 0.9, weight decay 5e-4,
+   batch 256, no augmentation, ``embed_steps`` steps; the lr drops x0.1 at the first epoch
+   boundary at or past half of them, if the run gets there). A trained network is saved to
+   ``<default_root_dir>/dq_embedding.pt``; pass that file as ``embed_checkpoint`` to reuse it.
+2. **Features.** Every training image is embedded: ``embedding`` (the penultimate features,
+   ``net.embed``) or ``gradient`` (the cross-entropy gradient of the last linear layer,
+   ``(softmax - onehot) (x) [features, 1]``, the authors' choice; its cosine similarity is
+   computed from the two factors, never materialised).
+3. **Bins and sampling** (:mod:`ld3m.coreset`): per class, ``bins`` non-overlapping bins by
+   recursive greedy GraphCut on cosine similarity (``lam`` weights the pairwise term), then the
+   same fraction drawn uniformly from every bin, ``ipc`` images per class.
+4. **Patch dropping** (optional, ``drop_ratio > 0``): in every selected image the
+   ``drop_ratio`` least important ``patch_size`` patches are dropped and reconstructed by the
+   ``reconstructor`` you provide; the authors use a pretrained masked autoencoder (MAE,
+   ViT-L/16) and rank patches by GradCAM++. ld3m ships no such model and downloads nothing;
+   importance here is the input-gradient saliency of the true class's logit under the
+   embedding network (override :meth:`DQ.patch_importance` to change it).
+
+The selected real images become ``images`` (so the export, the image grid and
+``ld3m evaluate`` work unchanged) and the export records the dataset indices
+(``extra.indices``) and the bin of each (``extra.bins``).
+
+Under the Trainer, ``fit`` does the whole selection in ``on_fit_start`` (after the strategy
+has placed the module on its device and, with DDP, joined the process group, and after a
+checkpoint has been restored) and stops before the first training step: ``on_train_start``
+sets ``trainer.should_stop``. ``--trainer.max_steps`` is therefore ignored, no optimizer step
+happens, and the ``on_train_end`` callbacks (export, grid, evaluation) see the selected set.
+Outside a Trainer, :meth:`DQ.quantize_dataset` does the same in one process.
+
+Under DDP rank 0 trains the embedding network (every rank reads a given checkpoint) and
+broadcasts its weights, every rank embeds a contiguous slice of the training set and the
+features are all-gathered, the selection runs once on rank 0 and its indices (and, with patch
+dropping, the reconstructed images) are broadcast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from ld3m.modules.base import DistillationModule, check_network_name
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ld3m.coreset import DEFAULT_MATRIX_BYTES, quantize
+from ld3m.evaluation import Classifier, _quiet_lightning
+from ld3m.files import atomic_write
+from ld3m.networks import conv_backend
+
+log = logging.getLogger("ld3m")
+
+#: Feature kinds: penultimate features, or last-layer cross-entropy gradients.
+FEATURES = ("embedding", "gradient")
+#: Batch size of the embedding network's training.
+EMBED_BATCH = 256
+#: Images per forward when embedding the training set.
+EMBED_CHUNK = 1000
+#: File the trained embedding network is saved to, under the trainer's ``default_root_dir``.
+EMBED_FILE = "dq_embedding.pt"
+
+# salts of the seeded draws
+_SALT_LOADER = 21
+_SALT_SAMPLE = 22
+
+#: ``reconstruct(visible, mask) -> images``: see :func:`drop_patches`.
+Reconstructor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def resolve_reconstructor(spec: str | Reconstructor) -> Reconstructor:
+    """The reconstruction model named by an import path (``pkg.module:attr`` or
+    ``pkg.module.attr``), or ``spec`` itself if it is callable. A class is instantiated without
+    arguments; anything else callable is used as it is.
+
+    Raises:
+        ValueError: if the path cannot be imported or does not name a callable.
+    """
+    obj: Any = spec
+    if isinstance(spec, str):
+        module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+        if not module_name or not attr:
+            raise ValueError(f"reconstructor must be an import path like 'pkg.module:Class', "
+                             f"got {spec!r}")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import the reconstructor {spec!r}: {err}") from None
+    if isinstance(obj, type):
+        obj = obj()
+    if not callable(obj):
+        raise ValueError(f"the reconstructor {spec!r} is not callable")
+    return obj
+
+
+def drop_patches(images: torch.Tensor, importance: torch.Tensor, drop_ratio: float,
+                 patch_size: int, reconstruct: Reconstructor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the least important patches of every image by a reconstruction.
+
+    Args:
+        images: ``(N, C, H, W)``; ``H`` and ``W`` multiples of ``patch_size``.
+        importance: ``(N, P)`` importance of the ``P = (H / p) * (W / p)`` patches (row-major).
+        drop_ratio: Fraction of patches dropped per image (``round(drop_ratio * P)`` of them;
+            among equally important patches the first in row-major order goes first).
+        patch_size: Side ``p`` of the square patches.
+        reconstruct: Called as ``reconstruct(visible, mask)``: ``visible`` is ``images`` with
+            the dropped pixels set to 0 (the dataset mean in normalised space), ``mask`` is
+            ``(N, 1, H, W)``, 1.0 on dropped pixels; it returns ``(N, C, H, W)`` images of which
+            only the dropped pixels are used.
+
+    Returns:
+        The images with their dropped patches reconstructed, and the ``(N, P)`` boolean mask of
+        dropped patches.
+    """
+    n, _, h, w = images.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"patch_size={patch_size} does not divide the image size {h}x{w}")
+    gh, gw = h // patch_size, w // patch_size
+    if importance.shape != (n, gh * gw):
+        raise ValueError(f"importance must be ({n}, {gh * gw}), got {tuple(importance.shape)}")
+    drop = round(drop_ratio * gh * gw)
+    order = torch.argsort(importance, dim=1, stable=True)  # least important first
+    patch_mask = torch.zeros(n, gh * gw, dtype=torch.bool, device=images.device)
+    patch_mask.scatter_(1, order[:, :drop], True)
+    pixels = (patch_mask.view(n, 1, gh, gw).repeat_interleave(patch_size, 2)
+              .repeat_interleave(patch_size, 3))
+    mask = pixels.to(images.dtype)
+    with torch.no_grad():
+        reconstruction = reconstruct(images * (1 - mask), mask)
+    if not isinstance(reconstruction, torch.Tensor) or reconstruction.shape != images.shape:
+        shape = tuple(reconstruction.shape) if isinstance(reconstruction, torch.Tensor) else type(reconstruction)
+        raise ValueError(f"the reconstructor returned {shape}, expected images of shape "
+                         f"{tuple(images.shape)}")
+    out = torch.where(pixels, reconstruction.to(images.device, images.dtype), images)
+    return out, patch_mask
+
+
+class DQ(DistillationModule):
+    """Dataset quantization: real images picked by GraphCut bins and uniform sampling.
+
+    Args:
+        ipc: Real images kept per class (the fraction of every bin follows from it).
+        bins: Non-overlapping bins per class (the paper: 10).
+        lam: Weight of GraphCut's pairwise (diversity) term (the paper: 1).
+        network: Embedding network (see ``ld3m.networks``).
+        features: ``embedding`` (penultimate features) or ``gradient`` (last-layer
+            cross-entropy gradients).
+        embed_checkpoint: State dict of a trained ``network`` (a plain state dict, a Lightning
+            checkpoint of ``ld3m.evaluation.Classifier``, or a ``dq_embedding.pt``); if not
+            given the module trains one itself.
+        embed_steps: SGD steps (batch 256) of that training (0: a random network).
+        embed_lr: Learning rate of that training.
+        drop_ratio: Fraction of patches dropped from every selected image and reconstructed by
+            ``reconstructor`` (0: off; the paper: 0.2).
+        patch_size: Side of the square patches (must divide the image size).
+        reconstructor: Import path (``pkg.module:attr``) or callable of the reconstruction
+            model, called as ``reconstruct(visible, mask) -> images`` in the dataset's
+            normalised space (see ``ld3m.modules.dq.drop_patches``); it should be a
+            pretrained masked autoencoder that you provide (nothing is downloaded). A class is
+            instantiated without arguments. Required when ``drop_ratio > 0``.
+        max_matrix_bytes: Largest per-class similarity matrix held in memory; larger classes
+            compute similarity rows on the fly (same result, bounded memory).
+        seed: Seed of the embedding network, its training and the uniform sampling.
+        num_classes: Number of classes (default: from the data module).
+        image_shape: ``(C, H, W)`` (default: from the data module).
+    """
+
+    method_name = "DQ"
+
+    def __init__(self, ipc: int = 10, bins: int = 10, lam: float = 1.0,
+                 network: str = "ConvNet", features: str = "embedding",
+                 embed_checkpoint: str | None = None, embed_steps: int = 300,
+                 embed_lr: float = 0.01, drop_ratio: float = 0.0, patch_size: int = 4,
+                 reconstructor: str | Callable[..., Any] | None = None,
+                 max_matrix_bytes: int = DEFAULT_MATRIX_BYTES, seed: int = 0,
+                 num_classes: int | None = None,
+                 image_shape: tuple[int, int, int] | None = None) -> None:
+        if bins < 1:
+            raise ValueError(f"bins must be at least 1, got {bins}")
+        if not (lam >= 0 and math.isfinite(lam)):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+        check_network_name(network)
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        if embed_steps < 0:
+            raise ValueError(f"embed_steps must be >= 0, got {embed_steps}")
+        if not (embed_lr > 0 and math.isfinite(embed_lr)):
+            raise ValueError(f"embed_lr must be a positive number, got {embed_lr}")
+        if not 0 <= drop_ratio < 1:
+            raise ValueError(f"drop_ratio must be in [0, 1), got {drop_ratio}")
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be at least 1, got {patch_size}")
+        if drop_ratio > 0 and reconstructor is None:
+            raise ValueError("drop_ratio > 0 needs a reconstructor (--model.reconstructor "
+                             "pkg.module:Class): a pretrained masked autoencoder that you "
+                             "provide; ld3m downloads none")
+        if max_matrix_bytes < 0:
+            raise ValueError(f"max_matrix_bytes must be >= 0, got {max_matrix_bytes}")
+        if embed_checkpoint is not None and not Path(embed_checkpoint).is_file():
+            raise FileNotFoundError(f"embedding checkpoint {embed_checkpoint} does not exist")
+        # allocated below, once the patch settings that _allocate checks are known
+        super().__init__(ipc=ipc, init="real", seed=seed)
+        self.save_hyperparameters(ignore=["reconstructor"])
+        self.bins, self.lam = bins, float(lam)
+        self.network, self.features = network, features
+        self.embed_checkpoint, self.embed_steps, self.embed_lr = embed_checkpoint, embed_steps, embed_lr
+        self.drop_ratio, self.patch_size = float(drop_ratio), patch_size
+        self.max_matrix_bytes = max_matrix_bytes
+        self.reconstructor_name = (reconstructor if isinstance(reconstructor, str) or reconstructor is None
+                                   else getattr(reconstructor, "__name__", type(reconstructor).__name__))
+        self.hparams["reconstructor"] = self.reconstructor_name
+        # scratch space, not a submodule: a reconstruction model stays out of the state dict,
+        # the checkpoints and DDP
+        self._scratch: dict[str, Any] = {
+            "reconstructor": resolve_reconstructor(reconstructor) if reconstructor is not None else None}
+        if num_classes is not None and image_shape is not None:
+            self._allocate(num_classes, tuple(image_shape))
+            self.build_network(network)  # fail early on a network that does not fit the images
+
+    # ------------------------------------------------------------------------------ state
+    def _allocate(self, num_classes: int, image_shape: tuple[int, ...]) -> None:
+        super()._allocate(num_classes, image_shape)
+        n = num_classes * self.ipc
+        _, h, w = self.image_shape
+        if self.drop_ratio > 0 and (h % self.patch_size or w % self.patch_size):
+            raise ValueError(f"patch_size={self.patch_size} does not divide the image size {h}x{w}")
+        # the selection, kept in checkpoints: dataset indices (-1: not selected yet), bins, and
+        # the dropped patches
+        self.register_buffer("indices", torch.full((n,), -1, dtype=torch.long))
+        self.register_buffer("bin_ids", torch.full((n,), -1, dtype=torch.long))
+        patches = (h // self.patch_size) * (w // self.patch_size) if self.drop_ratio > 0 else 0
+        self.register_buffer("patch_mask", torch.zeros(n, patches, dtype=torch.bool))
+
+    @property
+    def selected(self) -> bool:
+        """Whether the selection has been made (or restored from a checkpoint)."""
+        indices = getattr(self, "indices", None)
+        return indices is not None and indices.numel() > 0 and bool((indices >= 0).all())
+
+    def initialise(self, dm) -> None:
+        """Check that every class can give ``ipc`` images and ``bins`` bins; the images are
+        selected in ``on_fit_start`` (:meth:`quantize_dataset`)."""
+        for c, size in enumerate(dm.class_sizes()):
+            if max(self.ipc, self.bins) > size:
+                what = f"ipc={self.ipc}" if self.ipc > size else f"bins={self.bins}"
+                raise ValueError(f"{what} is larger than class {c} ({dm.class_names[c]!r}) of "
+                                 f"{dm.dataset_name}, which has {size} training images")
+
+    # ------------------------------------------------------------------------------ processes
+    def _rank_world(self) -> tuple[int, int]:
+        if self._trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self._rank_world()[1] == 1:
+            return obj
+        return self.trainer.strategy.broadcast(obj, src=0)
+
+    def _device_kwargs(self) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            return {"accelerator": "gpu", "devices": [self.device.index or 0]}
+        if self.device.type == "mps":
+            return {"accelerator": "mps", "devices": 1}
+        return {"accelerator": "cpu", "devices": 1}
+
+    # ------------------------------------------------------------------------------ network
+    def train_embedding_network(self, dm) -> dict[str, torch.Tensor]:
+        """Train ``network`` on the real training set (a short Lightning run); its weights."""
+        c, h, _ = self.image_shape
+        loader = DataLoader(dm.train_split.dataset(dm), batch_size=EMBED_BATCH, shuffle=True,
+                            generator=self.shared_generator(0, _SALT_LOADER),
+                            num_workers=dm.num_workers)
+        # Classifier drops its lr x0.1 at epoch epochs // 2: the first epoch boundary at or past
+        # half of the steps
+        epochs = 2 * max(1, math.ceil(self.embed_steps / (2 * len(loader))))
+        model = Classifier(self.network, c, self.num_classes, h, lr=self.embed_lr, epochs=epochs,
+                           dsa="none", seed=self.seed)
+        if self.embed_steps:
+            start = time.perf_counter()
+            with _quiet_lightning():
+                trainer = L.Trainer(max_steps=self.embed_steps, max_epochs=-1, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, num_sanity_val_steps=0,
+                                    **self._device_kwargs())
+                trainer.fit(model, train_dataloaders=loader)
+            log.info("DQ: trained the %s embedding network for %d steps in %.1f s",
+                     self.network, self.embed_steps, time.perf_counter() - start)
+        return {k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()}
+
+    def load_embedding_network(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """Read the weights of ``network`` from ``path`` (see ``embed_checkpoint``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"embedding checkpoint {path} does not exist")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (any unreadable file gets the same message)
+            raise ValueError(f"{path} is not a readable PyTorch state dict "
+                             f"({type(err).__name__})") from None
+        state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+        if not isinstance(state, dict) or not state:
+            raise ValueError(f"{path} holds no state dict")
+        if all(k.startswith("net.") for k in state):  # a checkpoint of ld3m.evaluation.Classifier
+            state = {k[len("net."):]: v for k, v in state.items()}
+        try:
+            self.build_network(self.network).load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{path} does not hold {self.network} weights for "
+                             f"{self.num_classes} classes of {self.image_shape}: "
+                             f"{str(err).splitlines()[0]}") from None
+        return state
+
+    def embedding_network(self, dm) -> nn.Module:
+        """The trained embedding network (loaded, or trained on rank 0 and broadcast), frozen."""
+        rank, _ = self._rank_world()
+        if self.embed_checkpoint:
+            state = self.load_embedding_network(self.embed_checkpoint)
+        else:
+            state = None
+            if rank == 0:
+                state = self.train_embedding_network(dm)
+                if self._trainer is not None:
+                    path = Path(self.trainer.default_root_dir) / EMBED_FILE
+                    with atomic_write(path) as tmp:
+                        torch.save({"state_dict": state, "network": self.network,
+                                    "dataset": self.dataset_name, "steps": self.embed_steps,
+                                    "seed": self.seed}, tmp)
+                    log.info("DQ: embedding network saved to %s (reuse it with "
+                             "--model.embed_checkpoint)", path)
+            state = self._broadcast(state)
+        net = self.build_network(self.network)
+        net.load_state_dict(state)
+        return net.to(self.device).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------ features
+    @torch.no_grad()
+    def embed(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Features of a batch, ``(B, D)``; for ``gradient`` the two Kronecker factors side by
+        side, ``[softmax - onehot, features, 1]``."""
+        with conv_backend(self.device):
+            h = net.embed(images).float()
+        if self.features == "embedding":
+            return h
+        error = F.softmax(net.classifier(h), dim=1) - F.one_hot(labels, self.num_classes).float()
+        return torch.cat([error, h, torch.ones_like(h[:, :1])], dim=1)
+
+    def embed_training_set(self, dm, net: nn.Module):
+        """Features of every training image. Under DDP each rank embeds a contiguous slice and
+        the slices are all-gathered."""
+        split = dm.train_split
+        n = len(split)
+        rank, world = self._rank_world()
+        per_rank = math.ceil(n / world)
+        index = torch.arange(rank * per_rank, min(n, (rank + 1) * per_rank))
+        parts = [self.embed(net, split.images(chunk, dm).to(self.device),
+                            split.labels[chunk].to(self.device))
+                 for chunk in index.split(EMBED_CHUNK)]
+        local = torch.cat(parts) if parts else None
+        if world > 1:
+            width = self._broadcast(local.shape[1] if local is not None else None)
+            padded = torch.zeros(per_rank, width, device=self.device)
+            if local is not None:
+                padded[:len(local)] = local
+            local = self.all_gather(padded).flatten(0, 1)[:n]
+        if self.features == "gradient":
+            k = self.num_classes
+            return local[:, :k], local[:, k:]
+        return local
+
+    # ------------------------------------------------------------------------------ patches
+    def patch_importance(self, net: nn.Module, images: torch.Tensor,
+                         labels: torch.Tensor) -> torch.Tensor:
+        """``(N, P)`` importance of every patch: the mean absolute input gradient of the true
+        class's logit over the patch (summed over channels)."""
+        with torch.enable_grad():
+            x = images.detach().clone().requires_grad_(True)
+            score = net(x).gather(1, labels.view(-1, 1)).sum()
+            (grad,) = torch.autograd.grad(score, x)
+        saliency = grad.abs().sum(1, keepdim=True)
+        return F.avg_pool2d(saliency, self.patch_size).flatten(1)
+
+    # ------------------------------------------------------------------------------ selection
+    def quantize_dataset(self, dm) -> torch.Tensor:
+        """Run DQ on ``dm``'s training set; fill ``images``; return the selected indices.
+
+        Collective under DDP (every rank must call it).
+        """
+        dm.setup("fit")
+        self.dataset_name, self.mean, self.std = dm.dataset_name, tuple(dm.mean), tuple(dm.std)
+        if self.images is None:
+            self._allocate(dm.num_classes, tuple(dm.image_shape))
+        self.initialise(dm)
+        start = time.perf_counter()
+        net = self.embedding_network(dm)
+        features = self.embed_training_set(dm, net)
+        log.info("DQ: embedded %d training images (%s) in %.1f s", len(dm.train_split),
+                 self.features, time.perf_counter() - start)
+        split = dm.train_split
+        payload = None
+        if self._rank_world()[0] == 0:
+            start = time.perf_counter()
+            result = quantize(features, split.labels, self.ipc, self.bins, self.lam,
+                              generator=self.shared_generator(0, _SALT_SAMPLE),
+                              num_classes=self.num_classes, max_matrix_bytes=self.max_matrix_bytes)
+            log.info("DQ: %d bins per class, %d images per class selected in %.1f s", self.bins,
+                     self.ipc, time.perf_counter() - start)
+            payload = {"indices": result.indices, "bins": result.bins}
+            if self.drop_ratio > 0:
+                images = split.images(result.indices, dm).to(self.device)
+                labels = self.labels.to(self.device)
+                importance = self.patch_importance(net, images, labels)
+                reconstructor = self._scratch["reconstructor"]
+                if isinstance(reconstructor, nn.Module):
+                    reconstructor = reconstructor.to(self.device).eval()
+                payload["images"], payload["patch_mask"] = (t.cpu() for t in drop_patches(
+                    images, importance, self.drop_ratio, self.patch_size, reconstructor))
+        del features
+        payload = self._broadcast(payload)
+        images = payload.get("images")
+        if images is None:
+            images = split.images(payload["indices"], dm)
+        with torch.no_grad():
+            self.images.copy_(images.to(self.images.device, self.images.dtype))
+        self.indices.copy_(payload["indices"])
+        self.bin_ids.copy_(payload["bins"])
+        if "patch_mask" in payload:
+            self.patch_mask.copy_(payload["patch_mask"])
+        self._initialised = True
+        return self.indices.detach().cpu().clone()
+
+    # ------------------------------------------------------------------------------ Lightning
+    def on_fit_start(self) -> None:
+        if self.selected:
+            log.info("DQ: selection restored from the checkpoint")
+            return
+        self.quantize_dataset(self.real_data)
+
+    def on_train_start(self) -> None:
+        # the selection is the whole method: leave the fit loop before its first step (the
+        # on_train_end callbacks still run)
+        self.trainer.should_stop = True
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        """Never reached: ``fit`` stops in ``on_train_start``. Returns ``None`` (no update)."""
+        return None
+
+    # ------------------------------------------------------------------------------ export
+    def export_extra(self) -> dict[str, Any]:
+        extra = {"indices": self.indices.detach().cpu().clone(),
+                 "bins": self.bin_ids.detach().cpu().clone()}
+        if self.drop_ratio > 0:
+            extra["patch_mask"] = self.patch_mask.detach().cpu().to(torch.uint8)
+        embedding = self.embed_checkpoint or f"trained {self.embed_steps} steps, lr {self.embed_lr}"
+        return {"extra": extra, "meta": {"dq": {
+            "network": self.network, "features": self.features, "bins": self.bins,
+            "lam": self.lam, "embedding": embedding, "drop_ratio": self.drop_ratio,
+            "patch_size": self.patch_size, "reconstructor": self.reconstructor_name}}}
