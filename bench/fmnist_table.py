@@ -49,15 +49,16 @@ BUDGET = {
     # start epochs in [0, 3) matching 2 expert epochs (the buffer has 5)
     ("MTT", 1): {"steps": 200, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
                  "args": ["--model.init_args.syn_steps", "20", "--model.init_args.max_start_epoch", "3"]},
-    ("MTT", 10): {"steps": 100, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
-                  "args": ["--model.init_args.syn_steps", "20", "--model.init_args.max_start_epoch", "3"]},
+    # IPC 10: an unrolled 20-step iteration over 100 images takes ~50 s here, so 10 student steps
+    ("MTT", 10): {"steps": 40, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
+                  "args": ["--model.init_args.syn_steps", "10", "--model.init_args.max_start_epoch", "3"]},
     ("DATM", 1): {"steps": 200, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
                   "args": ["--model.init_args.syn_steps", "20", "--model.init_args.max_start_epoch", "3"]},
-    ("DATM", 10): {"steps": 100, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
-                   "args": ["--model.init_args.syn_steps", "20", "--model.init_args.batch_syn", "50",
+    ("DATM", 10): {"steps": 20, "epochs": 300, "dsa": DSA_STRATEGY, "batch_per_class": 1,
+                   "args": ["--model.init_args.syn_steps", "10", "--model.init_args.batch_syn", "50",
                             "--model.init_args.current_max_start_epoch", "2",
                             "--model.init_args.max_start_epoch", "3",
-                            "--model.init_args.expansion_end", "50"]},
+                            "--model.init_args.expansion_end", "20"]},
 }
 TRAJECTORY_METHODS = ("MTT", "DATM")
 
