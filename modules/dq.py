@@ -401,8 +401,8 @@ class DQ(DistillationModule):
         if self.images is None:
             self._allocate(dm.num_classes, tuple(dm.image_shape))
         self.initialise(dm)
-        start = time.perf_counter()
         net = self.embedding_network(dm)
+        start = time.perf_counter()
         features = self.embed_training_set(dm, net)
         log.info("DQ: embedded %d training images (%s) in %.1f s", len(dm.train_split),
                  self.features, time.perf_counter() - start)
