@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 def cpu_trainer(root: Path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
@@ -13,3 +15,23 @@ def cpu_trainer(root: Path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer
                 "enable_progress_bar": False, "enable_model_summary": False, **kwargs}
     return L.Trainer(max_steps=max_steps, default_root_dir=str(root), callbacks=list(callbacks),
                      **settings)
+
+
+def write_idx(path: Path, data: torch.Tensor) -> None:
+    """An IDX file of unsigned bytes: magic 0x0000080N, N big-endian int32 sizes, the data."""
+    header = struct.pack(">I", 0x0800 | data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)
+    path.write_bytes(header + data.to(torch.uint8).contiguous().numpy().tobytes())
+
+
+def write_fashion_mnist_slice(source, root: Path, train: int, test: int) -> Path:
+    """The first ``train`` training and ``test`` test images of the set-up Fashion-MNIST data
+    module ``source``, written as the four IDX files of ``root/FashionMNIST/raw``; returns
+    ``root``. A smaller real dataset in its own on-disk format, for tests where the whole
+    training set would be slow (e.g. in subprocesses)."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, split, n in (("train", source.train_split, train),
+                             ("t10k", source._test_split(), test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", split.cached[:n, 0])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", split.labels[:n])
+    return root

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import write_idx
 from ld3m.datamodules import MNIST, DistilledDataModule, FashionMNIST
 
 from ld3m.synthetic import SyntheticSet
@@ -149,12 +149,6 @@ def _pixel(c: int, i: int) -> int:
     return 10 * c + i + 5
 
 
-def _write_idx(path: Path, data: torch.Tensor) -> None:
-    """An IDX file of unsigned bytes: magic 0x0000080N, N big-endian int32 sizes, the data."""
-    header = struct.pack(">I", 0x0800 | data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)
-    path.write_bytes(header + data.to(torch.uint8).contiguous().numpy().tobytes())
-
-
 def _write_tiny_mnist(root: Path) -> None:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -163,8 +157,8 @@ def _write_tiny_mnist(root: Path) -> None:
         order = [(c, i) for i in range(per_class) for c in range(10)]
         images = torch.stack([torch.full((28, 28), _pixel(c, i)) for c, i in order])
         labels = torch.tensor([c for c, _ in order])
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
 
 
 @pytest.fixture

@@ -223,3 +223,62 @@ def test_ddp_ld3m_ranks_end_with_identical_latents(tmp_path: Path) -> None:
     assert not torch.equal(final0["latents"], init0), "no training happened"
     assert torch.equal(final0["latents"], final1["latents"]), "the ranks' latents diverged"
     assert torch.equal(final0["embeddings"], final1["embeddings"]), "the embeddings diverged"
+
+
+# ---------------------------------------------------------------------------------- DQ
+DQ_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import lightning as L
+    import torch
+
+    from ld3m.datamodules import FashionMNIST
+    from ld3m.modules import DQ
+
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    model = DQ(ipc=3, bins=3, network="ConvNetW32", embed_steps=3, seed=0)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=5, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out)
+    trainer.fit(model, datamodule=FashionMNIST(batch_per_class=1))
+    assert trainer.world_size == 2 and trainer.global_step == 0  # selection only, no updates
+    torch.save({"indices": model.indices, "bins": model.bin_ids, "images": model.images.detach()},
+               f"{out}/rank{trainer.global_rank}.pt")
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_dq_selects_once_for_both_ranks(data_dir: Path, tmp_path: Path) -> None:
+    """DQ under 2-process DDP: rank 0 trains the embedding network, each rank embeds half of the
+    training set, the features are all-gathered and the selection is broadcast. Both ranks must
+    hold the same selection, and it must be the one a single process makes with the same
+    embedding network (so the gathered features are in dataset order). The data: the first
+    3,000 training and 500 test images of Fashion-MNIST, written in its own IDX format."""
+    from helpers import write_fashion_mnist_slice
+    from ld3m.datamodules import FashionMNIST
+    from ld3m.modules import DQ
+
+    full = FashionMNIST(data_dir=str(data_dir))
+    full.setup("fit")
+    data_dir = write_fashion_mnist_slice(full, tmp_path / "data", train=3000, test=500)
+    script = tmp_path / "ddp_dq.py"
+    script.write_text(DQ_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "LD3M_DATA_DIR": str(data_dir)}
+    for var in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(var, None)
+    result = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    for key in ("indices", "bins", "images"):
+        assert torch.equal(rank0[key], rank1[key]), f"the ranks' {key} differ"
+    assert (out / "dq_embedding.pt").is_file(), "rank 0 did not save the embedding network"
+    single = DQ(ipc=3, bins=3, network="ConvNetW32", embed_checkpoint=str(out / "dq_embedding.pt"),
+                seed=0)
+    indices = single.quantize_dataset(FashionMNIST(data_dir=str(data_dir)))
+    assert torch.equal(indices, rank0["indices"]), "DDP selected other images than one process"
