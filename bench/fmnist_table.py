@@ -9,19 +9,29 @@ already there is not distilled again, a report that is already there is not reco
 MTT and DATM first need an expert buffer: ``--buffer`` (default ``<root>/buffer``) is built
 with ``ld3m buffer`` at the budget of ``--experts``/``--expert_epochs``/``--expert_batches``
 (batches of 256 per expert epoch) unless it already exists, and their recipes' start epochs are
-cut to fit it.
+cut to fit it. LD3M needs a generator folder: ``--generator`` (default
+``runs/prior/fashionmnist``) is built with ``ld3m prior`` at the budget of ``--prior_args``
+unless it exists. DQ trains its embedding network once (in its first set's folder) and the
+other IPCs reuse it (``--model.embed_checkpoint``).
+
+``--archs ConvNet,AlexNet,VGG11,ResNet18`` evaluates every set on each network (a column each,
+plus their mean): the cross-architecture table.
 
 Example (the README's table, about 100 minutes on a 2-core CPU for DC/DSA/DD, and about
 as much again for the buffer and MTT/DATM)::
 
     python bench/fmnist_table.py --methods DC DSA DD --ipc 1 10
     python bench/fmnist_table.py --methods MTT DATM --ipc 1 10
+    python bench/fmnist_table.py --methods DQ --ipc 1 10 50
+    python bench/fmnist_table.py --root runs/ld3m_table --methods DM LD3M --ipc 1 10 \
+        --archs ConvNet,AlexNet,VGG11,ResNet18
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +41,7 @@ from pathlib import Path
 PUBLISHED = {("DC", 1): 70.5, ("DC", 10): 82.3, ("DSA", 1): 70.6, ("DSA", 10): 84.6,
              ("DD", 1): None, ("DD", 10): None, ("MTT", 1): None, ("MTT", 10): None,
              ("DATM", 1): None, ("DATM", 10): None}
+
 
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
@@ -60,7 +71,18 @@ BUDGET = {
                             "--model.init_args.max_start_epoch", "3",
                             "--model.init_args.expansion_end", "20"]},
 }
+# DM and LD3M+DM: the same DM loss, networks and real batches; LD3M renders its images from a
+# latent diffusion prior with 10 DDIM steps (its recipe's lr_latent / lr_embedding)
+for _ipc, _steps in ((1, 200), (10, 200)):
+    BUDGET[("DM", _ipc)] = {"steps": _steps, "epochs": 300, "dsa": DSA_STRATEGY}
+    BUDGET[("LD3M", _ipc)] = {"steps": _steps, "epochs": 300, "dsa": DSA_STRATEGY}
+# DQ selects real images (no steps); its embedding network: 500 SGD steps of 256 images
+for _ipc in (1, 10, 50):
+    BUDGET[("DQ", _ipc)] = {"steps": 1, "epochs": 300, "dsa": DSA_STRATEGY,
+                            "args": ["--model.init_args.embed_steps", "500"]}
 TRAJECTORY_METHODS = ("MTT", "DATM")
+DEFAULT_PRIOR_ARGS = ("--ae_epochs 3 --denoiser_epochs 4 --batch_size 64 "
+                      "--limit_train_batches 100")
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -87,7 +109,13 @@ def main() -> None:
     parser.add_argument("--expert_epochs", type=int, default=5, help="epochs of a new buffer's experts")
     parser.add_argument("--expert_batches", type=int, default=80,
                         help="batches of 256 per expert epoch of a new buffer")
+    parser.add_argument("--generator", default="runs/prior/fashionmnist",
+                        help="LD3M's generator folder (built with ld3m prior if missing)")
+    parser.add_argument("--prior_args", default=DEFAULT_PRIOR_ARGS,
+                        help="ld3m prior's budget flags for a new generator")
+    parser.add_argument("--archs", default="ConvNet", help="comma-separated evaluation networks")
     args = parser.parse_args()
+    archs = args.archs.split(",")
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     buffer = Path(args.buffer or root / "buffer")
@@ -99,6 +127,13 @@ def main() -> None:
                        "--limit_train_batches", str(args.expert_batches),
                        "--progress_bar", "false"], root / "buffer_log.txt")
         buffer_seconds.write_text(f"{seconds:.0f}\n")
+    generator = Path(args.generator)
+    if "LD3M" in args.methods and not (generator / "ld3m_generator.json").exists():
+        seconds = run([sys.executable, "-m", "ld3m.cli", "prior", "--data", "FashionMNIST",
+                       "--folder", str(generator), *args.prior_args.split(),
+                       "--progress_bar", "false"], root / "prior_log.txt")
+        (root / "prior_seconds.txt").write_text(f"{seconds:.0f}\n")
+    dq_embedding = None  # the first DQ set's embedding network, reused by the others
     rows = []
     for ipc in args.ipc:
         for method in args.methods:
@@ -112,6 +147,13 @@ def main() -> None:
             log = folder / "log.txt"
             distilled = folder / "synthetic.safetensors"
             fit_seconds = None
+            extra = list(budget.get("args", []))
+            if method in TRAJECTORY_METHODS:
+                extra += ["--model.init_args.buffer", str(buffer)]
+            if method == "LD3M":
+                extra += ["--model.init_args.generator", str(generator)]
+            if method == "DQ" and dq_embedding is not None:
+                extra += ["--model.init_args.embed_checkpoint", str(dq_embedding)]
             if not distilled.exists():
                 config = Path("ld3m/configs") / f"{method.lower()}_fashionmnist_ipc{ipc}.yaml"
                 fit_seconds = run([sys.executable, "-m", "ld3m.cli", "fit", "--config", str(config),
@@ -119,17 +161,18 @@ def main() -> None:
                                    "--trainer.default_root_dir", str(folder),
                                    "--data.init_args.batch_per_class", str(budget["batch_per_class"]),
                                    "--evaluation.at_end", "false", "--evaluation.every_n_steps", "0",
-                                   "--trainer.enable_progress_bar", "false",
-                                   *(["--model.init_args.buffer", str(buffer)]
-                                     if method in TRAJECTORY_METHODS else []),
-                                   *budget.get("args", [])], log)
+                                   "--trainer.enable_progress_bar", "false", *extra], log)
                 (folder / "fit_seconds.txt").write_text(f"{fit_seconds:.0f}\n")
             elif (folder / "fit_seconds.txt").exists():
                 fit_seconds = float((folder / "fit_seconds.txt").read_text())
+            if method == "DQ" and dq_embedding is None and (folder / "dq_embedding.pt").exists():
+                dq_embedding = root / "dq_embedding.pt"
+                if not dq_embedding.exists():
+                    shutil.copyfile(folder / "dq_embedding.pt", dq_embedding)
             report = folder / "evaluation.json"
             if not report.exists():
                 cmd = [sys.executable, "-m", "ld3m.cli", "evaluate", "--distilled", str(distilled),
-                       "--runs", str(budget["runs"]), "--dsa", budget["dsa"], "--output", str(report),
+                       "--archs", ",".join(archs), "--runs", str(budget["runs"]), "--dsa", budget["dsa"], "--output", str(report),
                        # the random-real baseline once per IPC (with the first method), and
                        # for DD, whose protocol (its learned steps) differs from the others'
                        "--baseline", str(method in (args.methods[0], "DD")).lower()]
@@ -137,18 +180,21 @@ def main() -> None:
                     cmd += ["--epochs", str(budget["epochs"])]
                 run(cmd, log)
             data = json.loads(report.read_text())
+            by_set: dict[str, dict[str, tuple[float, float]]] = {}
             for result in data["results"]:
-                is_random = result["set"].startswith("random")
-                name = result["set"]
+                by_set.setdefault(result["set"], {})[result["arch"]] = (
+                    100 * result["mean"], 100 * result["std"])
+            for name, accs in by_set.items():
+                is_random = name.startswith("random")
                 if is_random and data["settings"].get("protocol") == "dd":
                     name += ", DD protocol"
-                rows.append((method, ipc, name, data["settings"],
-                             100 * result["mean"], 100 * result["std"], budget,
+                rows.append((name, data["settings"], accs, budget,
                              None if is_random else fit_seconds,
                              None if is_random else PUBLISHED.get((method, ipc))))
-    print("| set | distillation | evaluation | ConvNet acc. (%) | published (%) |")
-    print("|---|---|---|---|---|")
-    for _method, _ipc, name, settings, mean, std, budget, seconds, published in rows:
+    columns = [f"{a} acc. (%)" for a in archs] + (["mean (%)"] if len(archs) > 1 else [])
+    print("| set | distillation | evaluation | " + " | ".join(columns) + " | published (%) |")
+    print("|---|---|---|" + "---|" * len(columns) + "---|")
+    for name, settings, accs, budget, seconds, published in rows:
         if name.startswith("random"):
             distil = "-"
         else:
@@ -157,9 +203,12 @@ def main() -> None:
                 distil += f" ({seconds / 60:.0f} min)"
         evaluation = settings.get("protocol_note") or (
             f"{settings['runs']} x {settings['epochs']} ep, dsa {settings['dsa']}")
+        cells = [f"{accs[a][0]:.2f} +- {accs[a][1]:.2f}" if a in accs else "-" for a in archs]
+        if len(archs) > 1:
+            known = [accs[a][0] for a in archs if a in accs]
+            cells.append(f"{sum(known) / len(known):.2f}" if known else "-")
         pub = f"{published:.1f}" if published else "-"
-        print(f"| {name} | {distil} | {evaluation} | {mean:.2f} +- {std:.2f} | {pub} |")
-
+        print(f"| {name} | {distil} | {evaluation} | " + " | ".join(cells) + f" | {pub} |")
 
 if __name__ == "__main__":
     main()

@@ -73,6 +73,7 @@ caller's job (manual optimisation and an all-reduce, or ``no_sync``): not handle
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -96,6 +97,9 @@ CONFIG_NAME = "ld3m_generator.json"
 FORMAT_VERSION = 1
 _VAE_CLASSES: dict[str, type] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: diffusers' low-memory loading needs ``accelerate`` (an optional dependency): use it when it
+#: is installed, and otherwise say so explicitly (diffusers would print a warning at every load)
+_LOW_CPU_MEM = importlib.util.find_spec("accelerate") is not None
 
 
 def skip_weights(steps: int) -> list[float]:
@@ -587,10 +591,11 @@ class LatentGenerator(nn.Module):
         if unet_class_name != "UNet2DModel":
             raise ValueError(f"{folder / 'unet'} holds a {unet_class_name}, not a UNet2DModel")
         with _load_errors(folder / "vae"):
-            vae = _VAE_CLASSES[vae_class_name].from_pretrained(folder, subfolder="vae",
-                                                               local_files_only=True)
+            vae = _VAE_CLASSES[vae_class_name].from_pretrained(
+                folder, subfolder="vae", local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
         with _load_errors(folder / "unet"):
-            unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+            unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
+                                               low_cpu_mem_usage=_LOW_CPU_MEM)
         with _load_errors(folder / "scheduler"):
             scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler",
                                                       local_files_only=True)

@@ -64,7 +64,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from ld3m.datamodules.real import RealDataModule
-from ld3m.generator import CONFIG_NAME, LatentGenerator, _atomic_dir
+from ld3m.generator import _LOW_CPU_MEM, CONFIG_NAME, LatentGenerator, _atomic_dir
 
 __all__ = ["NULL_DROPOUT", "build_autoencoder", "build_denoiser", "build_scheduler", "parts_folder",
            "train_prior"]
@@ -460,7 +460,7 @@ def train_prior(data: RealDataModule, folder: str | Path, *, latent_channels: in
     if ae_stage is not None:
         _check_same(ae_dir, ae_stage.get("settings", {}), ae_settings)
         log.info("prior: autoencoder already trained (%s); skipping stage 1", ae_dir)
-        vae = AutoencoderKL.from_pretrained(ae_dir, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(ae_dir, local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
     else:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -492,7 +492,7 @@ def train_prior(data: RealDataModule, folder: str | Path, *, latent_channels: in
     if dn_stage is not None:
         _check_same(dn_dir, dn_stage.get("settings", {}), dn_settings)
         log.info("prior: denoiser already trained (%s); skipping stage 2", dn_dir)
-        unet = UNet2DModel.from_pretrained(dn_dir, local_files_only=True)
+        unet = UNet2DModel.from_pretrained(dn_dir, local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
     else:
         scaling_factor = _latent_scale(vae, data, seed, batch_size)
         with torch.random.fork_rng():

@@ -255,3 +255,33 @@ def test_fit_mtt_objective(gen_dir: Path, data: TinyData, tmp_path: Path):
     with pytest.raises(ValueError, match="epochs"):
         cpu_trainer(tmp_path, max_steps=1).fit(too_short, datamodule=data)
 
+
+
+@pytest.mark.parametrize("objective", ["dm", "mtt"])
+def test_one_full_graph_render_trains_like_the_chunked_backward(gen_dir: Path,
+                                                                tmp_path: Path, objective: str):
+    """``chunk_size=None`` (one render with the graph) and the chunked backward take the same
+    steps: the latents, embeddings and (mtt) student lr agree after a short fit."""
+    extra = {}
+    if objective == "mtt":
+        from test_mtt import write_buffer
+
+        buffer = write_buffer(tmp_path / "buffer", shape=(1, 16, 16), epochs=3)
+        extra = dict(buffer=str(buffer), syn_steps=2, expert_epochs=1, max_start_epoch=2,
+                     lr_lr=1e-3, dsa="none", mtt_gradient="unroll")
+    fitted = []
+    for chunk_size in (4, None):
+        model = _model(gen_dir, objective=objective, chunk_size=chunk_size, lr_latent=0.05,
+                       lr_embedding=0.05, **extra)
+        initial = _Initial()
+        cpu_trainer(tmp_path / str(chunk_size), max_steps=3, callbacks=[initial]).fit(
+            model, datamodule=TinyData(data_dir=str(tmp_path), batch_per_class=4))
+        assert not torch.allclose(model.latents, initial.z)
+        fitted.append(model)
+    chunked, full = fitted
+    torch.testing.assert_close(full.latents, chunked.latents, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full.embeddings, chunked.embeddings, rtol=1e-4, atol=1e-5)
+    if objective == "mtt":
+        torch.testing.assert_close(full.syn_lr, chunked.syn_lr, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        _model(gen_dir, chunk_size=-1)
