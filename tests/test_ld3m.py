@@ -285,3 +285,25 @@ def test_one_full_graph_render_trains_like_the_chunked_backward(gen_dir: Path,
         torch.testing.assert_close(full.syn_lr, chunked.syn_lr, rtol=1e-4, atol=1e-8)
     with pytest.raises(ValueError, match="chunk_size"):
         _model(gen_dir, chunk_size=-1)
+
+
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_recipes_parse_through_the_cli(gen_dir: Path, ipc: int, capsys):
+    """The Fashion-MNIST recipes: DM's objective and schedule, T = 10, one graph, evaluated on
+    the four architectures (the generator folder is overridden: it is built by ld3m prior)."""
+    import yaml
+    from ld3m.cli import main
+
+    path = Path(__file__).parent.parent / "ld3m" / "configs" / f"ld3m_fashionmnist_ipc{ipc}.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    args = recipe["model"]["init_args"]
+    assert recipe["model"]["class_path"] == "ld3m.modules.LD3M"
+    assert (args["ipc"], args["objective"], args["steps"], args["skip"]) == (ipc, "dm", 10, True)
+    assert recipe["trainer"]["max_steps"] == 20000
+    assert recipe["evaluation"]["archs"].split(",") == ["ConvNet", "AlexNet", "VGG11", "ResNet18"]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(path), "--model.init_args.generator", str(gen_dir),
+              "--print_config"])
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: ld3m.modules.LD3M" in out and "chunk_size: null" in out
