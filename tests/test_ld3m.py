@@ -292,6 +292,7 @@ def test_recipes_parse_through_the_cli(gen_dir: Path, ipc: int, capsys):
     """The Fashion-MNIST recipes: DM's objective and schedule, T = 10, one graph, evaluated on
     the four architectures (the generator folder is overridden: it is built by ld3m prior)."""
     import yaml
+
     from ld3m.cli import main
 
     path = Path(__file__).parent.parent / "ld3m" / "configs" / f"ld3m_fashionmnist_ipc{ipc}.yaml"
