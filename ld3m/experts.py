@@ -5,19 +5,27 @@ An expert is a freshly initialised network trained for ``epochs`` epochs with pl
 (independent per-sample draws, not Siamese), MTT's teacher. Its flat parameters are recorded at
 initialisation and after every epoch; DATM additionally wants the final expert's logits on the
 training images. Each expert is one Lightning ``fit`` (progress bar, any accelerator), written as
-one shard of the format in :mod:`ld3m.trajectories` as soon as it is done, so an interrupted run
-resumes with the first missing expert. All randomness (initialisation, shuffling, augmentation)
-comes from generators seeded by ``seed`` and the expert's index.
+one shard of the format in :mod:`ld3m.trajectories` as soon as it is done. An interrupted run,
+rerun with the same arguments, skips the finished experts and continues the unfinished one from
+its last finished epoch: after every epoch its Lightning checkpoint (snapshots and augmentation
+generator included) is kept in ``<folder>/.partial/`` and removed once the shard is written.
+All randomness (initialisation, the per-epoch shuffling, augmentation) comes from generators
+seeded by ``seed``, the expert's index and the epoch, so a resumed buffer equals an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Sampler
 
 from ld3m.augment import DEFAULT_STRATEGY
 from ld3m.datamodules.real import RealDataModule
@@ -32,6 +40,28 @@ from ld3m.trajectories import (
 )
 
 log = logging.getLogger("ld3m")
+
+#: Where the running experts' epoch checkpoints live, inside the buffer folder.
+PARTIAL = ".partial"
+
+
+class EpochShuffle(Sampler[int]):
+    """A new permutation every epoch, drawn from ``(seed, epoch)`` alone (Lightning calls
+    :meth:`set_epoch`), so the order of an epoch does not depend on the epochs before it: a run
+    resumed at an epoch boundary shuffles exactly as an uninterrupted one."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class Expert(Classifier):
@@ -62,6 +92,18 @@ class Expert(Classifier):
 
     def on_train_epoch_end(self) -> None:
         self.snapshots.append(flatten_parameters(self.net).cpu())
+
+    # the epoch checkpoints of an unfinished expert carry what the Lightning state does not
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ld3m_expert"] = {"snapshots": torch.stack(self.snapshots),
+                                     "dsa_generator": self._generator.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("ld3m_expert")
+        if state is None:
+            raise ValueError("the checkpoint was not written by an ld3m expert")
+        self.snapshots = list(state["snapshots"].unbind(0))
+        self._generator.set_state(state["dsa_generator"])
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.0, weight_decay=0.0)
@@ -127,25 +169,69 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
             raise ValueError(f"{folder} holds experts of another setting ({different}); "
                              "use another folder")
     train_set = data.train_split.dataset(data)
+    partial = folder / PARTIAL
     for index in range(experts):
         path = folder / shard_name(index)
         if path.exists() or index % world_size != rank:
             continue
         expert_seed = seed + 1000 * index
         model = Expert(network, c, data.num_classes, h, lr_teacher=lr_teacher, dsa=dsa, seed=expert_seed)
-        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(expert_seed + 2))
-        kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-                  "num_sanity_val_steps": 0, **(trainer_kwargs or {})}
+        loader = DataLoader(train_set, batch_size=batch_size,
+                            sampler=EpochShuffle(len(train_set), expert_seed + 2))
+        settings = {**info, "expert": index, "seed": expert_seed}
+        checkpoint = partial / f"{path.stem}.ckpt"
+        resume = _resumable(checkpoint, settings)
+        kwargs = {"logger": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                  **(trainer_kwargs or {})}
+        saver = ModelCheckpoint(dirpath=partial, filename=path.stem, every_n_epochs=1,
+                                save_top_k=1, enable_version_counter=False)
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), saver, _Settings(settings)]
         trainer = L.Trainer(max_epochs=epochs, **kwargs)
-        trainer.fit(model, train_dataloaders=loader)
+        if resume:
+            log.info("expert %d: resuming from its last finished epoch (%s)", index, checkpoint)
+        with warnings.catch_warnings():  # the partial folder may hold other experts' checkpoints
+            warnings.filterwarnings("ignore", message=".*exists and is not empty")
+            trainer.fit(model, train_dataloaders=loader,
+                        ckpt_path=str(checkpoint) if resume else None)
         if len(model.snapshots) != epochs + 1:
             raise RuntimeError(f"expert {index} stopped after {len(model.snapshots) - 1} of "
                                f"{epochs} epochs; nothing was written for it")
         final_logits = None
         if logits:
             final_logits = model.logits(DataLoader(train_set, batch_size=1024, shuffle=False))
-        ExpertTrajectory(torch.stack(model.snapshots), {**info, "expert": index, "seed": expert_seed},
-                         final_logits).save(path)
+        ExpertTrajectory(torch.stack(model.snapshots), settings, final_logits).save(path)
+        checkpoint.unlink(missing_ok=True)
         log.info("expert %d/%d written to %s", index + 1, experts, path)
+    if partial.is_dir() and not any(partial.iterdir()):
+        partial.rmdir()
     return TrajectoryBuffer(folder) if world_size == 1 else None
+
+
+class _Settings(L.Callback):
+    """Records the expert's settings in its epoch checkpoints (checked before resuming)."""
+
+    def __init__(self, settings: dict) -> None:
+        self.settings = settings
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ld3m_expert_settings"] = self.settings
+
+
+def _resumable(checkpoint: Path, settings: dict) -> bool:
+    """Whether ``checkpoint`` holds an unfinished run of this very expert.
+
+    Raises:
+        ValueError: if it holds another setting's expert (nothing is deleted).
+    """
+    if not checkpoint.is_file():
+        return False
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001  (a torn or foreign file: start the expert again)
+        log.warning("expert checkpoint %s is unreadable (%s); training that expert from the start",
+                    checkpoint, type(err).__name__)
+        return False
+    if saved.get("ld3m_expert_settings") != settings:
+        raise ValueError(f"{checkpoint} is an unfinished expert of another setting; delete it or "
+                         "use another folder")
+    return True

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from ld3m.datamodules import MNIST
 from test_data import TINY_TRAIN, _write_tiny_mnist
 
 from ld3m.cli import main
-from ld3m.experts import Expert, train_experts
+from ld3m.experts import PARTIAL, Expert, train_experts
 from ld3m.networks import get_network, reset_parameters
 from ld3m.trajectories import TrajectoryBuffer, flatten_parameters, shard_name
 
@@ -69,6 +70,44 @@ def test_resume_trains_only_missing_experts_deterministically(tiny: MNIST, tmp_p
     assert torch.equal(resumed[1].trajectory, second_expert), "the retrained expert differs"
     with pytest.raises(ValueError, match="another setting"):
         _train(tiny, folder, lr_teacher=0.02)
+
+
+class _Kill(L.Callback):
+    """Stop the training of expert 1 at the start of its third epoch (two epochs checkpointed)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if pl_module.hparams.seed == 1000 and trainer.current_epoch == 2:
+            raise RuntimeError("simulated kill")
+
+
+def test_an_interrupted_expert_resumes_from_its_last_epoch(tiny: MNIST, tmp_path: Path) -> None:
+    folder = tmp_path / "buffer"
+    killed = {**QUIET, "callbacks": [_Kill()]}
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _train(tiny, folder, epochs=4, dsa="color_crop_cutout_scale_rotate", trainer_kwargs=killed)
+    assert (folder / shard_name(0)).is_file() and not (folder / shard_name(1)).exists()
+    checkpoint = folder / PARTIAL / "expert_00001.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    assert len(saved["ld3m_expert"]["snapshots"]) == 3  # the start and two finished epochs
+    other = tmp_path / "other" / PARTIAL
+    other.mkdir(parents=True)
+    (other / checkpoint.name).write_bytes(checkpoint.read_bytes())
+    with pytest.raises(ValueError, match="another setting"):  # another lr, same expert index
+        _train(tiny, other.parent, epochs=4, dsa="color_crop_cutout_scale_rotate", lr_teacher=0.02)
+    assert (other / checkpoint.name).is_file(), "the foreign checkpoint was deleted"
+    resumed = _train(tiny, folder, epochs=4, dsa="color_crop_cutout_scale_rotate")
+    assert not (folder / PARTIAL).exists(), "the finished expert's checkpoint was kept"
+    alone = _train(tiny, tmp_path / "alone", epochs=4, dsa="color_crop_cutout_scale_rotate")
+    for i in range(2):  # shuffling, augmentation and weights continue exactly
+        assert torch.equal(resumed[i].trajectory, alone[i].trajectory)
+
+
+def test_a_torn_checkpoint_restarts_the_expert(tiny: MNIST, tmp_path: Path) -> None:
+    folder = tmp_path / "buffer"
+    (folder / PARTIAL).mkdir(parents=True)
+    (folder / PARTIAL / "expert_00000.ckpt").write_bytes(b"torn")
+    buffer = _train(tiny, folder, experts=1)
+    assert torch.equal(buffer[0].trajectory, _train(tiny, tmp_path / "alone", experts=1)[0].trajectory)
 
 
 def test_logits_for_datm(tiny: MNIST, tmp_path: Path) -> None:
