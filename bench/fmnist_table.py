@@ -21,9 +21,11 @@ Example (the README's table, about 100 minutes on a 2-core CPU for DC/DSA/DD, an
 as much again for the buffer and MTT/DATM)::
 
     python bench/fmnist_table.py --methods DC DSA DD --ipc 1 10
-    python bench/fmnist_table.py --methods MTT DATM --ipc 1 10
+    python bench/fmnist_table.py --methods MTT DATM --ipc 1
+    python bench/fmnist_table.py --root runs/tm10 --methods MTT DATM --ipc 10 --experts 2 \
+        --expert_epochs 4 --expert_batches 40 --steps 30 --runs 2
     python bench/fmnist_table.py --methods DQ --ipc 1 10 50
-    python bench/fmnist_table.py --root runs/ld3m_table --methods DM LD3M --ipc 1 10 \
+    python bench/fmnist_table.py --root runs/ld3m_table --methods DM LD3M --ipc 1 \
         --archs ConvNet,AlexNet,VGG11,ResNet18
 """
 
