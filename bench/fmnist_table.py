@@ -27,6 +27,8 @@ as much again for the buffer and MTT/DATM)::
     python bench/fmnist_table.py --methods DQ --ipc 1 10 50
     python bench/fmnist_table.py --root runs/ld3m_table --methods DM LD3M --ipc 1 \
         --archs ConvNet,AlexNet,VGG11,ResNet18
+    python bench/fmnist_table.py --root runs/ld3m_table --methods DM LD3M --ipc 10 \
+        --archs ConvNet,AlexNet,VGG11,ResNet18
 """
 
 from __future__ import annotations
