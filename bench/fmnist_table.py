@@ -77,7 +77,8 @@ BUDGET = {
 }
 # DM and LD3M+DM: the same DM loss, networks, real batches and steps; LD3M renders its images
 # from a latent diffusion prior (10 DDIM steps at IPC 1, 5 at IPC 10; its recipe's lr_latent /
-# lr_embedding). An LD3M step costs ~4 s at IPC 1 and ~13 s at IPC 10 here (DM's ~1.3 / 4.5 s),
+# lr_embedding). An LD3M step costs ~4 s at IPC 1 and ~9 s at IPC 10 here (DM's ~1.3 / 1.5 s;
+# measured at IPC 10: 457 s against 74 s for the 50 steps, start-up included),
 # and the cross-architecture evaluation (ResNet-18 above all) dominates: 200 epochs, 2 runs
 BUDGET[("DM", 1)] = {"steps": 100, "epochs": 200, "dsa": DSA_STRATEGY, "runs": 2}
 BUDGET[("LD3M", 1)] = {"steps": 100, "epochs": 200, "dsa": DSA_STRATEGY, "runs": 2}
