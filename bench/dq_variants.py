@@ -22,15 +22,20 @@ more ``--draws`` trains only the new draws.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
+from ld3m.datamodules import FashionMNIST
+from ld3m.modules import DQ
 
-DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+from ld3m.coreset import quantize, sample_bins
+from ld3m.evaluation import DEFAULT_DSA, random_real_set, train_and_test
+from ld3m.files import atomic_write
+from ld3m.synthetic import SyntheticSet
 
 
 def parse_variant(text: str) -> tuple[str, float, str]:
@@ -53,7 +58,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--variants", type=parse_variant, nargs="+", default=[("10", 1.0, "embedding")])
     parser.add_argument("--epochs", type=int, default=300, help="evaluation epochs")
-    parser.add_argument("--dsa", default=DSA_STRATEGY)
+    parser.add_argument("--dsa", default=DEFAULT_DSA)
     parser.add_argument("--arch", default="ConvNet")
     parser.add_argument("--network", default="ConvNet", help="embedding network")
     parser.add_argument("--embed-checkpoint", default=None)
@@ -64,53 +69,55 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from ld3m.datamodules import FashionMNIST
-    from ld3m.modules import DQ
-
-    from ld3m.coreset import graphcut_bins, sample_bins, take_rows
-    from ld3m.evaluation import random_real_set, train_and_test
-    from ld3m.synthetic import SyntheticSet
-
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     dm = FashionMNIST()
     dm.setup("fit")
     split = dm.train_split
 
-    embedding = args.embed_checkpoint or cache / f"dq_embedding_{args.network}_{args.embed_steps}.pt"
-    nets: dict[str, torch.nn.Module] = {}
+    embedding = Path(args.embed_checkpoint or cache / f"dq_embedding_{args.network}_{args.embed_steps}.pt")
 
-    def features_of(kind: str):
-        path = cache / f"features_{Path(embedding).stem}_{kind}.pt"
-        if path.exists():
-            return torch.load(path)
+    def save(obj, path: Path) -> None:
+        with atomic_write(path) as tmp:
+            torch.save(obj, tmp)
+
+    def dq(kind: str) -> DQ:
         model = DQ(ipc=args.ipc, network=args.network, features=kind, embed_steps=args.embed_steps,
-                   embed_checkpoint=str(embedding) if Path(embedding).exists() else None,
+                   embed_checkpoint=str(embedding) if embedding.exists() else None,
                    num_classes=dm.num_classes, image_shape=dm.image_shape)
         model.dataset_name, model.mean, model.std = dm.dataset_name, dm.mean, dm.std
-        if "net" not in nets:
-            start = time.perf_counter()
-            nets["net"] = model.embedding_network(dm)
-            if not Path(embedding).exists():
-                torch.save({"state_dict": nets["net"].state_dict()}, embedding)
-            print(f"embedding network ready in {time.perf_counter() - start:.0f} s", flush=True)
+        return model
+
+    @functools.cache
+    def embedding_net() -> torch.nn.Module:
         start = time.perf_counter()
-        out = model.embed_training_set(dm, nets["net"])
-        torch.save(out, path)
+        net = dq("embedding").embedding_network(dm)
+        if not embedding.exists():
+            save({"state_dict": net.state_dict()}, embedding)
+        print(f"embedding network ready in {time.perf_counter() - start:.0f} s", flush=True)
+        return net
+
+    def features_of(kind: str):
+        path = cache / f"features_{embedding.stem}_{kind}.pt"
+        if path.exists():
+            return torch.load(path)
+        net = embedding_net()
+        start = time.perf_counter()
+        out = dq(kind).embed_training_set(dm, net)
+        save(out, path)
         print(f"embedded {len(split)} images ({kind}) in {time.perf_counter() - start:.0f} s", flush=True)
         return out
 
     def bins_of(bins: int, lam: float, kind: str) -> list[list[torch.Tensor]]:
-        path = cache / f"bins_{Path(embedding).stem}_{kind}_{bins}_{lam:g}.pt"
+        path = cache / f"bins_{embedding.stem}_{kind}_{bins}_{lam:g}.pt"
         if path.exists():
             return torch.load(path)
         features = features_of(kind)
         start = time.perf_counter()
-        out = []
-        for members in split.class_index:
-            local = graphcut_bins(take_rows(features, members), bins, lam)
-            out.append([members[b] for b in local])
-        torch.save(out, path)
+        # the bins do not depend on the IPC
+        out = quantize(features, split.labels, ipc=1, bins=bins, lam=lam,
+                       num_classes=dm.num_classes).class_bins
+        save(out, path)
         print(f"binned ({bins} bins, lam {lam:g}, {kind}) in {time.perf_counter() - start:.0f} s",
               flush=True)
         return out
@@ -127,7 +134,7 @@ def main() -> None:
     # only the new draws
     done_path = cache / "accuracies.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
-    setting = f"{Path(embedding).stem} ipc {args.ipc} {args.arch} {args.epochs} ep {args.dsa}"
+    setting = f"{embedding.stem} ipc {args.ipc} {args.arch} {args.epochs} ep {args.dsa}"
     for s in range(args.draws):
         sets = {"random real": random_real_set(dm, args.ipc, seed=s)}
         for name, class_bins in zip(names, variants, strict=True):
@@ -144,9 +151,8 @@ def main() -> None:
                                        dsa=args.dsa, seed=s, accelerator="cpu")
             results[name].append(acc)
             done[key] = acc
-            tmp = done_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            os.replace(tmp, done_path)
+            with atomic_write(done_path) as tmp:
+                tmp.write_text(json.dumps(done, indent=1))
             print(f"draw {s}: {name}: {acc:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     def mean_std(xs: list[float]) -> tuple[float, float]:
