@@ -16,7 +16,8 @@ difference to random selection with its standard error and how many draws DQ won
 
 Features, bins and every measured accuracy are cached in ``--cache`` (default
 ``runs/dq_variants``): a second call at another IPC does not embed or bin again, and a call with
-more ``--draws`` trains only the new draws.
+more ``--draws`` trains only the new draws. ``--first-draw N`` starts the draws at seed ``N``: fresh
+draws that confirm (or not) what an earlier table found on draws ``0 .. N-1``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first-draw", type=int, default=0,
+                        help="draws run from this seed on (fresh draws to confirm an earlier table)")
     parser.add_argument("--variants", type=parse_variant, nargs="+", default=[("10", 1.0, "embedding")])
     parser.add_argument("--epochs", type=int, default=300, help="evaluation epochs")
     parser.add_argument("--dsa", default=DEFAULT_DSA)
@@ -135,7 +138,8 @@ def main() -> None:
     done_path = cache / "accuracies.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
     setting = f"{embedding.stem} ipc {args.ipc} {args.arch} {args.epochs} ep {args.dsa}"
-    for s in range(args.draws):
+    draws = range(args.first_draw, args.first_draw + args.draws)
+    for s in draws:
         sets = {"random real": random_real_set(dm, args.ipc, seed=s)}
         for name, class_bins in zip(names, variants, strict=True):
             g = torch.Generator().manual_seed(s)
@@ -159,7 +163,7 @@ def main() -> None:
         m = sum(xs) / len(xs)
         return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
 
-    print(f"\nIPC {args.ipc}, {args.draws} draws, {args.arch} {args.epochs} epochs, DSA {args.dsa}\n")
+    print(f"\nIPC {args.ipc}, draws {draws.start} to {draws.stop - 1}, {args.arch} {args.epochs} epochs, DSA {args.dsa}\n")
     print("| set | accuracy (mean +- std over draws) | minus random (mean +- s.e.) | draws won |")
     print("|---|---|---|---|")
     base = results["random real"]
