@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ld3m-installed
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# where ld3m keeps datasets: $LD3M_DATA_DIR, else the user cache (one copy per machine and user)
+DATA_DIR := $(or $(LD3M_DATA_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ld3m/datasets)
 RUN_DIR ?= runs/default
 
 .PHONY: setup data run test bench lint clean
@@ -16,20 +18,23 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 data:
-	@if [ -f $(FMNIST_SYSTEM) ] || [ -f data/FashionMNIST/raw/train-images-idx3-ubyte ]; then \
+	@if [ -f $(FMNIST_SYSTEM) ] || [ -f $(DATA_DIR)/FashionMNIST/raw/train-images-idx3-ubyte ]; then \
 		echo "Fashion-MNIST: found"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "Fashion-MNIST: installing the Debian package dataset-fashion-mnist"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else \
 		echo "Fashion-MNIST is missing. Run: sudo apt-get install dataset-fashion-mnist"; \
-		echo "(or put the four IDX files in data/FashionMNIST/raw/)"; exit 1; \
+		echo "(or put the four IDX files in $(DATA_DIR)/FashionMNIST/raw/)"; exit 1; \
 	fi
 
+# A second `make run` keeps the first run's files: its own go to lightning_logs/version_N, and the
+# summary below shows the newest run's.
 run: setup
 	$(VENV)/bin/ld3m fit --trainer.default_root_dir $(RUN_DIR)
-	@echo; echo "Distilled set: $(RUN_DIR)/synthetic.safetensors  images: $(RUN_DIR)/images/final.png"
-	@echo "ConvNet test accuracy (%), mean +- std over runs:"; cat $(RUN_DIR)/evaluation.md
+	@out=$$(dirname "$$(ls -t $(RUN_DIR)/evaluation.md $(RUN_DIR)/lightning_logs/version_*/evaluation.md 2>/dev/null | head -n 1)"); \
+	echo; echo "Distilled set: $$out/synthetic.safetensors  images: $$out/images/final.png"; \
+	echo "ConvNet test accuracy (%), mean +- std over runs:"; cat "$$out/evaluation.md"
 
 test: setup
 	$(PY) -m pytest -q --durations=15

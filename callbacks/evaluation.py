@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
@@ -11,6 +12,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.evaluation import EvalReport, evaluate
 from ld3m.files import atomic_write
+from ld3m.loggers import log_table
+from ld3m.outputs import output_dir_of
 
 log = logging.getLogger("ld3m")
 
@@ -19,8 +22,10 @@ class PeriodicEvaluation(L.Callback):
     """Train fresh networks on the current synthetic set and report real test accuracy.
 
     Runs on rank 0 (the other ranks wait). The report (with the random-real baseline) is logged,
-    written to ``<default_root_dir>/evaluation.md`` and ``evaluation.json``, and each mean
-    accuracy goes to the trainer's logger as ``eval/<arch>``.
+    written to ``evaluation.md`` and ``evaluation.json`` in the run's output folder, each mean
+    accuracy goes to the trainer's loggers as ``eval/<arch>`` and the table to those that show
+    tables (TensorBoard, W&B). With ``every_n_steps`` the accuracies at every evaluated step are
+    kept (in checkpoints too) and plotted against the steps in ``evaluation.png``.
 
     Args:
         every_n_steps: Evaluate every N steps (0: never during training).
@@ -31,11 +36,12 @@ class PeriodicEvaluation(L.Callback):
         dsa: DSA strategy during evaluation training ("none" to disable).
         baseline: Also evaluate random real images (same IPC) at the end.
         precision: Precision of the evaluation trainers (default: full precision).
+        seed: Seed of the evaluation's draws (networks, augmentation, shuffling, baseline).
     """
 
     def __init__(self, every_n_steps: int = 0, at_end: bool = True, archs: list[str] | str = "ConvNet",
                  runs: int = 3, epochs: int = 300, dsa: str = DEFAULT_DSA, baseline: bool = True,
-                 precision: str | None = None) -> None:
+                 precision: str | None = None, seed: int = 0) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if runs < 1 or epochs < 1:
@@ -48,24 +54,38 @@ class PeriodicEvaluation(L.Callback):
         self.dsa = dsa
         self.baseline = baseline
         self.precision = precision
+        self.seed = seed
         self.last_report: EvalReport | None = None
+        #: ``[{"step", "arch", "mean", "std"}]`` of every evaluation of the synthetic set so far
+        self.history: list[dict[str, Any]] = []
 
     def run(self, trainer: L.Trainer, pl_module, baseline: bool) -> EvalReport | None:
         report = None
         if trainer.is_global_zero:
             report = evaluate(pl_module.synthetic_set(), trainer.datamodule, archs=self.archs,
                               runs=self.runs, epochs=self.epochs, dsa=self.dsa, baseline=baseline,
+                              seed=self.seed,
                               accelerator=trainer.accelerator.__class__.__name__.replace(
                                   "Accelerator", "").lower() or "auto",
-                              precision=self.precision)
+                              precision=self.precision, progress=False)
             self.last_report = report
+            step = trainer.global_step
+            name = f"{pl_module.method_name} (IPC {pl_module.ipc})"
+            self.history = [h for h in self.history if h["step"] != step]
             for arch in self.archs:
-                result = report.get(f"{pl_module.method_name} (IPC {pl_module.ipc})", arch)
+                result = report.get(name, arch)
+                self.history.append({"step": step, "arch": arch, "mean": result.mean,
+                                     "std": result.std})
                 if trainer.logger is not None:
                     trainer.logger.log_metrics({f"eval/{arch}": result.mean,
-                                                f"eval/{arch}_std": result.std}, trainer.global_step)
-            log.info("evaluation at step %d (%d runs, %d epochs):\n%s", trainer.global_step,
+                                                f"eval/{arch}_std": result.std}, step)
+            rows = [[r.name, r.arch, 100 * r.mean, 100 * r.std] for r in report.results]
+            log_table(trainer, "evaluation", ["set", "arch", "accuracy", "std"], rows,
+                      report.table(), step)
+            log.info("evaluation at step %d (%d runs, %d epochs):\n%s", step,
                      self.runs, self.epochs, report.table())
+            if self.every_n_steps:
+                self._plot(output_dir_of(trainer, pl_module) / "evaluation.png", name)
         trainer.strategy.barrier("ld3m-evaluation")
         return report
 
@@ -78,7 +98,7 @@ class PeriodicEvaluation(L.Callback):
             return
         report = self.run(trainer, pl_module, baseline=self.baseline)
         if report is not None:
-            self._write(Path(trainer.default_root_dir), report)
+            self._write(output_dir_of(trainer, pl_module), report)
 
     @staticmethod
     @rank_zero_only
@@ -86,3 +106,29 @@ class PeriodicEvaluation(L.Callback):
         for name, text in (("evaluation.md", report.table() + "\n"), ("evaluation.json", report.to_json())):
             with atomic_write(folder / name) as tmp:
                 tmp.write_text(text)
+
+    def _plot(self, target: Path, name: str) -> None:
+        """Test accuracy (mean +- std over the runs) against the step, one line per network."""
+        from matplotlib.figure import Figure  # no pyplot: no display, no global backend switch
+
+        figure = Figure(figsize=(6, 4), dpi=100)
+        axes = figure.add_subplot()
+        for arch in self.archs:
+            points = sorted((h["step"], 100 * h["mean"], 100 * h["std"])
+                            for h in self.history if h["arch"] == arch)
+            if points:
+                steps, means, stds = zip(*points, strict=True)
+                axes.errorbar(steps, means, yerr=stds, marker="o", capsize=3, label=arch)
+        axes.set_xlabel("step")
+        axes.set_ylabel("test accuracy (%)")
+        axes.set_title(name)
+        axes.grid(alpha=0.3)
+        axes.legend()
+        with atomic_write(target, suffix=".png") as tmp:
+            figure.savefig(tmp, format="png", bbox_inches="tight")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

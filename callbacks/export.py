@@ -9,17 +9,21 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from ld3m.outputs import output_dir_of
+
 log = logging.getLogger("ld3m")
 
 
 class ExportSynthetic(L.Callback):
     """Save the method's synthetic set (atomically) when training ends, and every N steps.
 
-    If training stops on an exception (e.g. a NaN loss, which is caught before the images are
-    touched), the last finite images are written too, so no progress is lost.
+    If training stops on an exception, the last finite images are written under another name
+    (``synthetic.interrupted.safetensors`` after Ctrl-C or SIGTERM, ``synthetic.failed.safetensors``
+    after an error such as a NaN loss), so no progress is lost and a finished set already in the
+    folder is never replaced by an unfinished one.
 
     Args:
-        dirpath: Folder of the file (default: the trainer's ``default_root_dir``).
+        dirpath: Folder of the file (default: the run's output folder, see ``ld3m.outputs``).
         filename: File name of the set.
         every_n_steps: Also save every N optimisation steps (0: only at the end).
     """
@@ -35,12 +39,18 @@ class ExportSynthetic(L.Callback):
         self.every_n_steps = every_n_steps
         self.last_path: Path | None = None
 
-    def path(self, trainer: L.Trainer) -> Path:
-        return Path(self.dirpath or trainer.default_root_dir) / self.filename
+    def path(self, trainer: L.Trainer, pl_module: L.LightningModule | None = None,
+             filename: str | None = None) -> Path:
+        if self.dirpath:
+            folder = Path(self.dirpath)
+        else:
+            folder = output_dir_of(trainer, pl_module)
+        return folder / (filename or self.filename)
 
     @rank_zero_only
-    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        self.last_path = pl_module.synthetic_set().save(self.path(trainer))
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule,
+             filename: str | None = None) -> Path:
+        self.last_path = pl_module.synthetic_set().save(self.path(trainer, pl_module, filename))
         log.info("synthetic set written to %s", self.last_path)
         return self.last_path
 
@@ -55,4 +65,6 @@ class ExportSynthetic(L.Callback):
         images = getattr(pl_module, "images", None)
         if (getattr(pl_module, "_initialised", False) and images is not None
                 and trainer.global_step > 0 and torch.isfinite(images).all()):
-            self.save(trainer, pl_module)
+            stopped = isinstance(exception, KeyboardInterrupt | SystemExit)  # Ctrl-C, SIGTERM
+            stem = self.filename[: -len(".safetensors")]
+            self.save(trainer, pl_module, f"{stem}.{'interrupted' if stopped else 'failed'}.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 from ld3m.datamodules.real import RealDataModule
 from torch.utils.data import DataLoader
 
@@ -19,10 +20,12 @@ class DistilledDataModule(L.LightningDataModule):
         batch_size: Training batch size (the evaluation protocol uses 256).
         real: Optional real data module whose test split becomes ``test_dataloader``.
         num_workers: DataLoader workers.
+        seed: Seed of the shuffling (each epoch's order follows from it: the same seed, the
+            same batches).
     """
 
     def __init__(self, distilled: str | SyntheticSet, batch_size: int = 256,
-                 real: RealDataModule | None = None, num_workers: int = 0) -> None:
+                 real: RealDataModule | None = None, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -30,6 +33,7 @@ class DistilledDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.real = real
         self.num_workers = num_workers
+        self.seed = seed
         self._train = self.synthetic.as_dataset()
 
     @property
@@ -42,7 +46,8 @@ class DistilledDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self._train, batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def test_dataloader(self) -> DataLoader:
         if self.real is None:

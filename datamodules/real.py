@@ -30,15 +30,19 @@ from torchvision import datasets, transforms
 
 from ld3m.files import atomic_write
 
-DEFAULT_DATA_DIR = "data"
 _CACHE_LIMIT_BYTES = 2 << 30
 #: ZCA needs a D x D matrix (D = C * H * W): refuse beyond 64 x 64 grey / 36 x 36 colour.
 ZCA_MAX_DIM = 4096
 
 
 def default_data_dir() -> str:
-    """Where datasets live when ``data_dir`` is not given: ``$LD3M_DATA_DIR`` or ``./data``."""
-    return os.environ.get("LD3M_DATA_DIR", DEFAULT_DATA_DIR)
+    """Where datasets live when ``data_dir`` is not given: ``$LD3M_DATA_DIR``, else the user's
+    cache, ``$XDG_CACHE_HOME/ld3m/datasets`` (``~/.cache/ld3m/datasets``): one copy per machine
+    and user, whatever folder a run starts in."""
+    if os.environ.get("LD3M_DATA_DIR"):
+        return os.environ["LD3M_DATA_DIR"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "ld3m", "datasets")
 
 
 class RealDataModule(L.LightningDataModule):
@@ -47,8 +51,8 @@ class RealDataModule(L.LightningDataModule):
     Subclasses set the class attributes and implement :meth:`_dataset`.
 
     Args:
-        data_dir: Folder holding the dataset in torchvision's layout (default ``$LD3M_DATA_DIR``
-            or ``./data``).
+        data_dir: Folder holding the dataset in torchvision's layout (default ``$LD3M_DATA_DIR``,
+            else the user cache ``~/.cache/ld3m/datasets``).
         batch_per_class: Real images per class in every class-balanced training batch.
         batch_size: Batch size of the plain (shuffled, not class-balanced) train loader.
         test_batch_size: Batch size of the test loader.
@@ -86,7 +90,9 @@ class RealDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not zca_eps > 0:
             raise ValueError(f"zca_eps must be positive, got {zca_eps}")
-        self.save_hyperparameters()
+        # kept in the checkpoint, not merged into the method's logged hparams: both have a
+        # ``seed`` (the method's draws, the data stream's), which Lightning refuses to merge
+        self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
         self.batch_per_class = batch_per_class
         self.batch_size = batch_size

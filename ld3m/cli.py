@@ -1,74 +1,405 @@
 """The ``ld3m`` command line.
 
-``ld3m fit|validate|test|predict`` is a ``LightningCLI`` (subclass mode): ``--model`` is any
-``ld3m.modules`` method, ``--data`` any ``ld3m.datamodules`` real dataset, every ``--trainer.*``
-flag is Lightning's. Three callbacks are always on and have their own flag groups:
-``--export.*`` (the final ``.safetensors`` set), ``--grid.*`` (PNG image grids) and
-``--evaluation.*`` (the evaluation protocol at the end of ``fit``).
+``ld3m fit`` is a ``LightningCLI`` (subclass mode): ``--model`` is any ``ld3m.modules`` method,
+``--data`` any ``ld3m.datamodules`` real dataset, every ``--trainer.*`` flag is Lightning's. Four
+callbacks are always on and have their own flag groups: ``--export.*`` (the final
+``.safetensors`` set), ``--grid.*`` (PNG image grids), ``--evaluation.*`` (the evaluation
+protocol at the end of ``fit``) and ``--checkpoint.*`` (the resumable ``last.ckpt``).
 
-``ld3m evaluate --distilled FILE`` runs the evaluation protocol on a saved set (DD's own
-protocol for DD sets). ``ld3m buffer`` trains expert networks and records their trajectories
-(MTT/DATM's buffer, see :mod:`ld3m.experts`). ``ld3m prior`` trains a small latent diffusion
-model on real data for LD3M (see :mod:`ld3m.prior`).
+``ld3m evaluate``, ``ld3m buffer`` and ``ld3m prior`` are built by jsonargparse from the typed
+signatures and docstrings of :mod:`ld3m.commands` (each with ``--config`` and ``--print_config``).
 
-Bad input ends with one ``error:`` line on stderr and exit status 2 (set ``LD3M_DEBUG=1`` for
-the traceback).
+Every method gets its own defaults (``--model DC`` is ``DC()``'s settings, not the default
+method's): the default run (DM on Fashion-MNIST, CPU-sized) is only filled in where the command
+names no method or dataset. Names are matched case-insensitively; an unknown one is refused with
+the valid names. Bad input ends with one ``error:`` line on stderr and exit status 2 (set
+``LD3M_DEBUG=1`` for the traceback).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
+import re
 import sys
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser
-from lightning.pytorch.callbacks import ModelCheckpoint
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
 import ld3m.datamodules  # noqa: F401  (registers the data modules for --data NAME)
 import ld3m.modules  # noqa: F401  (registers the methods for --model NAME)
-from ld3m.callbacks import ExportSynthetic, ImageGrid, PeriodicEvaluation
+from ld3m import commands
+from ld3m.callbacks import ExportSynthetic, ImageGrid, PeriodicEvaluation, ResumeCheckpoint
 from ld3m.datamodules import DATASETS, RealDataModule
-from ld3m.evaluation import DEFAULT_DSA, evaluate
-from ld3m.files import atomic_write
+from ld3m.files import check_writable
+from ld3m.loggers import default_loggers
 from ld3m.modules import DistillationModule
-from ld3m.synthetic import SyntheticSet
+from ld3m.outputs import LOGS, next_version, version_of
 
 log = logging.getLogger("ld3m")
 
-#: The CPU-sized default run (``ld3m fit`` with no flags): DM on Fashion-MNIST, IPC 10.
-DEFAULT_FIT = {
-    "model": {"class_path": "ld3m.modules.DM", "init_args": {"ipc": 10}},
-    "data": {"class_path": "ld3m.datamodules.FashionMNIST", "init_args": {"batch_per_class": 64}},
-}
+#: What ``ld3m fit`` runs where the command names no method / no dataset: DM on Fashion-MNIST,
+#: IPC 10 (DM's own defaults), 64 real images per class (CPU-sized; the authors use 256).
+DEFAULT_MODEL = ["--model", "DM"]
+DEFAULT_DATA = ["--data", "FashionMNIST", "--data.batch_per_class", "64"]
 TRAINER_DEFAULTS = {
     "max_steps": 150,
     "default_root_dir": "runs/default",
     "log_every_n_steps": 10,
+    "enable_model_summary": False,
+}
+
+FIT_HELP = ("Distil a real dataset into a few synthetic images per class with one method. "
+            "Pick it with --model NAME ({methods}; `ld3m fit --model NAME --help` lists its "
+            "flags) and the data with --data NAME ({datasets}). With neither, the CPU-sized "
+            "default run: DM, IPC 10, on Fashion-MNIST.")
+
+#: The subcommands besides ``fit``: name -> function whose signature is the command line.
+COMMANDS: dict[str, Callable] = {
+    "evaluate": commands.evaluate,
+    "buffer": commands.buffer,
+    "prior": commands.prior,
 }
 
 
-def trainer_defaults() -> dict:
-    """``TRAINER_DEFAULTS`` plus a *fresh* ``ModelCheckpoint`` (every 100 steps and ``last.ckpt``).
+# ====================================================================================== names
+def method_names() -> dict[str, str]:
+    """``--model`` names -> class paths (every method in :mod:`ld3m.modules`)."""
+    return {name: f"ld3m.modules.{name}" for name in ld3m.modules.__all__
+            if name != "DistillationModule"}
 
-    A new instance per run: a callback keeps state between runs (a ModelCheckpoint remembers its
-    ``dirpath``), so a shared one would send a second in-process run's checkpoints to the first's.
+
+def data_names() -> dict[str, str]:
+    """``--data`` names -> class paths (``ImageFolder`` is ``ImageFolderData``)."""
+    names = {}
+    for name, cls in DATASETS.items():
+        names[name] = names[cls.__name__] = f"ld3m.datamodules.{cls.__name__}"
+    return names
+
+
+def resolve_name(group: str, value: str) -> str:
+    """The class path for ``--<group> value`` (case-insensitive); a dotted path is kept.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones (and the closest match).
     """
-    return {**TRAINER_DEFAULTS,
-            "callbacks": [ModelCheckpoint(every_n_train_steps=100, save_last=True)]}
+    known = method_names() if group == "model" else data_names()
+    if "." in value:
+        return value  # a full class path (ld3m's or the user's own): jsonargparse imports it
+    by_lower = {name.lower(): path for name, path in known.items()}
+    if value.lower() in by_lower:
+        return by_lower[value.lower()]
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=0.5)
+    hint = ""
+    if close:
+        hint = f"did you mean {next(n for n in known if n.lower() == close[0])}? "
+    valid = sorted(method_names() if group == "model" else DATASETS)
+    raise ValueError(f"unknown --{group} {value!r}; {hint}choose one of: {', '.join(valid)}")
 
 
+# ====================================================================================== argv
+_HELP = ("-h", "--help")
+_CONFIG = ("-c", "--config")
+
+
+def _option_value(tokens: list[str], i: int, names: tuple[str, ...]) -> tuple[int, str] | None:
+    """``(index of the value, value)`` if ``tokens[i]`` is ``NAME VALUE`` or ``NAME=VALUE``."""
+    token = tokens[i]
+    for name in names:
+        if token == name and i + 1 < len(tokens):
+            return i + 1, tokens[i + 1]
+        if token.startswith(name + "="):
+            return i, token[len(name) + 1:]
+    return None
+
+
+def _config_groups(path: str) -> dict[str, object]:
+    """The top-level entries of a ``--config`` file (empty if it is not a readable mapping)."""
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return {}  # jsonargparse reports an unreadable config with its own message
+    return content if isinstance(content, dict) else {}
+
+
+def _names_a_class(entry: object) -> str | None:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("class_path"), str):
+        return entry["class_path"]
+    return None
+
+
+def prepare_argv(tokens: list[str], groups: dict[str, list[str]]) -> tuple[list[str], dict[str, str]]:
+    """Resolve the class names of ``groups`` (``model``, ``data``) in ``tokens`` and put each
+    group's default in front where neither a flag nor a ``--config`` file names its class.
+
+    Returns:
+        The new tokens and ``{group: class path}`` of the classes the user named.
+    """
+    tokens = list(tokens)
+    named: dict[str, str] = {}
+    for i in range(len(tokens)):
+        for group in groups:
+            found = _option_value(tokens, i, (f"--{group}", f"--{group}.class_path"))
+            if found is None:
+                continue
+            index, value = found
+            if value.lstrip().startswith("{"):  # an inline YAML/JSON {class_path: ...}
+                named[group] = value
+                continue
+            path = resolve_name(group, value)
+            named[group] = path
+            if index == i:  # NAME=VALUE
+                tokens[i] = tokens[i].split("=", 1)[0] + "=" + path
+            else:
+                tokens[index] = path
+        found = _option_value(tokens, i, _CONFIG)
+        if found is not None:
+            content = _config_groups(found[1])
+            for group in groups:
+                value = _names_a_class(content.get(group))
+                if value is not None:
+                    resolve_name(group, value)  # refuse an unknown name with the valid ones
+                    named.setdefault(group, value)
+    defaults = [token for group, default in groups.items() if group not in named
+                for token in default]
+    return defaults + tokens, named
+
+
+# ====================================================================================== fit
 class Ld3mCLI(LightningCLI):
-    """``LightningCLI`` with ld3m's defaults and always-on export/grid/evaluation callbacks."""
+    """``LightningCLI`` with ld3m's defaults, its always-on callbacks and only ``fit``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ExportSynthetic, "export")
         parser.add_lightning_class_args(ImageGrid, "grid")
         parser.add_lightning_class_args(PeriodicEvaluation, "evaluation")
-        parser.set_defaults(DEFAULT_FIT)
+        parser.add_lightning_class_args(ResumeCheckpoint, "checkpoint")
         parser.set_defaults({"evaluation.epochs": 120, "evaluation.runs": 3})
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` and refuse a missing or unreadable checkpoint before
+        Lightning reads its hyperparameters."""
+        config = self.config[self.config.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        self._resume_step = None
+        if ckpt_path:
+            root = Path(config.trainer.default_root_dir or ".")
+            path, self._resume_step = _checkpoint_file(ckpt_path, root)
+            config.ckpt_path = str(path)
+        try:
+            super()._parse_ckpt_path()
+        except SystemExit:
+            raise ValueError(f"the hyperparameters in {config.ckpt_path} do not fit this command "
+                             "(was it written by another method?)") from None
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.config.subcommand]
+        folders = [config.trainer.default_root_dir or "."]
+        folders += [d for d in (config.export.dirpath, config.grid.dirpath, config.checkpoint.dirpath)
+                    if d]
+        for folder in folders:  # before hours of training, not after
+            check_writable(folder)
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand]
+        trainer = config["trainer"]
+        if trainer.get("logger") in (None, True):
+            root = Path(trainer.get("default_root_dir") or ".")
+            ckpt_path = config.get("ckpt_path")
+            version = version_of(ckpt_path, root) if ckpt_path else None
+            if version is None:  # a new run, or a run resumed into another folder
+                kwargs["logger"] = default_loggers(root, next_version(root / LOGS))
+            else:  # resumed in its own folder: continue its logs and its last.ckpt
+                kwargs["logger"] = default_loggers(root, version, resume_step=self._resume_step)
+        if trainer.get("enable_checkpointing") is False:  # no last.ckpt then
+            config["checkpoint"] = None
+        return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config, callbacks):
+        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+
+
+def _checkpoint_file(ckpt_path: str, root: Path) -> tuple[Path, int]:
+    """The checkpoint ``--ckpt_path`` names (``last``: the newest ``last.ckpt`` of the runs in
+    ``root``), checked to be a readable Lightning checkpoint, and its global step."""
+    if ckpt_path == "last":
+        found = sorted(root.glob(f"{LOGS}/version_*/checkpoints/{ResumeCheckpoint.FILENAME}"))
+        found += sorted(root.glob(f"checkpoints/{ResumeCheckpoint.FILENAME}"))
+        if not found:
+            raise FileNotFoundError(f"--ckpt_path last: no {ResumeCheckpoint.FILENAME} of an "
+                                    f"earlier run under {root} (give the file's path)")
+        path = max(found, key=lambda p: p.stat().st_mtime)
+        log.info("resuming from %s", path)
+    else:
+        path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # truncated zip, text file, pickle errors, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return path, int(checkpoint.get("global_step", 0))
+
+
+def fit_main(tokens: list[str]) -> int:
+    """``ld3m fit``: the LightningCLI run of one method."""
+    tokens, named = prepare_argv(tokens, {"model": DEFAULT_MODEL, "data": DEFAULT_DATA})
+    helps = [f"--{group}.help" for group in ("model", "data") if group in named]
+    if any(t in _HELP for t in tokens) and helps:  # `ld3m fit --model MTT --help`: MTT's flags
+        for group in ("model", "data"):
+            if group in named:
+                _lightning_cli(["fit", f"--{group}.help", named[group]], exit_ok=True)
+        return 0
+    _lightning_cli(["fit", *tokens])
+    return 0
+
+
+def _lightning_cli(args: list[str], exit_ok: bool = False) -> None:
+    parser_kwargs = {"exit_on_error": False, "fit": {"exit_on_error": False, "description": FIT_HELP.format(
+        methods=", ".join(method_names()), datasets=", ".join(DATASETS))}}
+    try:
+        Ld3mCLI(DistillationModule, RealDataModule, subclass_mode_model=True,
+                subclass_mode_data=True, trainer_defaults=TRAINER_DEFAULTS,
+                seed_everything_default=0, parser_kwargs=parser_kwargs, args=args,
+                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    except SystemExit as stop:
+        if not (exit_ok and stop.code in (0, None)):
+            raise
+
+
+# ====================================================================================== others
+def command_parser(name: str) -> ArgumentParser:
+    """The parser of ``ld3m <name>``, built from the function's signature and docstring."""
+    function = COMMANDS[name]
+    parser = ArgumentParser(prog=f"ld3m {name}", description=_summary(function),
+                            exit_on_error=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="a YAML file with these settings (see --print_config)")
+    parser.add_function_arguments(function, fail_untyped=True, as_group=False)
+    return parser
+
+
+def command_main(name: str, tokens: list[str]) -> int:
+    """``ld3m evaluate|buffer|prior``: parse, build the data module, call the function."""
+    function = COMMANDS[name]
+    groups = {"data": ["--data", "FashionMNIST"]} if "data" in inspect.signature(function).parameters else {}
+    tokens, named = prepare_argv(tokens, groups)
+    parser = command_parser(name)
+    if any(t in _HELP for t in tokens) and "data" in named:
+        tokens = ["--data.help", named["data"]]
+    try:
+        config = parser.parse_args(tokens)
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            return 0
+        raise
+    config.pop("config", None)
+    init = parser.instantiate_classes(config)
+    function(**init.as_dict())
+    return 0
+
+
+def _summary(function: Callable) -> str:
+    """The description paragraph of a docstring (before ``Args:``), on one line."""
+    doc = inspect.getdoc(function) or ""
+    return " ".join(doc.split("\n\n", 1)[0].split())
+
+
+def top_help() -> str:
+    width = max(len(n) for n in ["fit", *COMMANDS])
+    fit = FIT_HELP.format(methods=", ".join(method_names()), datasets=", ".join(DATASETS))
+    lines = ["usage: ld3m {fit," + ",".join(COMMANDS) + "} [--help] ...", "",
+             "ld3m: dataset distillation (DD, DC, DSA, DM, MTT, DATM, DQ, LD3M) with PyTorch "
+             "Lightning.", "", "subcommands:",
+             f"  {'fit'.ljust(width)}  {fit.split('. ')[0]}."]
+    lines += [f"  {name.ljust(width)}  {_summary(fn).split('. ')[0].rstrip('.')}."
+              for name, fn in COMMANDS.items()]
+    lines += ["", "`ld3m SUBCOMMAND --help` lists a subcommand's flags; "
+              "`ld3m fit --model NAME --help` a method's."]
+    return "\n".join(lines)
+
+
+# ====================================================================================== errors
+def _frames_outside(err: BaseException, *packages: str) -> bool:
+    """Whether ``err`` was raised outside the given packages (its innermost frame)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return not any(f"{os.sep}{p}{os.sep}" in where for p in packages)
+
+
+def error_message(err: BaseException) -> str:
+    """One line saying what was wrong, for ``error:``.
+
+    jsonargparse wraps a constructor's ``ValueError`` (e.g. ``ipc must be at least 1``) and its
+    own type errors in "Does not validate against any of the Union subtypes"; the reason is the
+    innermost exception of the chain, and its place the ``Parser key`` prefixes on the way.
+    """
+    chain, seen = [], set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    for outer in chain:  # the first error raised by ld3m (or Lightning), not by the parser
+        if _frames_outside(outer, "jsonargparse", "argparse.py") and str(outer).strip():
+            return str(outer).strip().splitlines()[0]
+    keys: list[str] = []
+    class_path = None
+    for item in chain:
+        text = str(item).strip()
+        match = re.match(r'Parser key "([^"]+)":', text)
+        if match and (not keys or keys[-1] != match.group(1)):
+            keys.append(match.group(1))
+        found = re.search(r"Problem with given class_path '([^']+)'", text)
+        class_path = class_path or (found.group(1) if found else None)
+    innermost = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(err).__name__
+    innermost = re.sub(r"<class '([\w.]+)'>", r"\1", innermost)
+    required = re.fullmatch(r"the following arguments are required: (.*)", innermost)
+    if required:
+        flags = ", ".join("--" + n.strip().lstrip("-") for n in required.group(1).split(","))
+        return f"missing {flags} (required)"
+    innermost = re.sub(r"^Expected a (\S+)\. Got value: (.*)$", r"expected \1, got '\2'", innermost)
+    option = re.fullmatch(r"Option '([^']+)' is not accepted", innermost)
+    if option and keys:
+        owner = f" of {class_path.rsplit('.', 1)[1]}" if class_path else ""
+        return f"--{'.'.join(keys)}.{option.group(1)} is not an argument{owner}"
+    return f"--{'.'.join(keys)}: {innermost}" if keys else innermost
+
+
+# ====================================================================================== main
+def _quiet_start() -> None:
+    """No third-party tips, deprecation notes or expected warnings on every command."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty")  # a resumed version
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(getattr(f, "name", "") == "ld3m-no-tips" for f in rank_zero.filters):
+        tips = logging.Filter("ld3m-no-tips")
+        tips.filter = lambda record: not str(record.msg).startswith("💡")  # type: ignore[method-assign]
+        rank_zero.addFilter(tips)
 
 
 def _setup_logging() -> None:
@@ -84,220 +415,37 @@ def _setup_logging() -> None:
     log.propagate = False
 
 
-def evaluate_main(argv: list[str]) -> int:
-    """``ld3m evaluate``: the evaluation protocol on a saved synthetic set."""
-    parser = ArgumentParser(prog="ld3m evaluate",
-                            description="Train fresh networks on a distilled set and report real "
-                                        "test accuracy next to random real images of the same IPC.")
-    parser.add_argument("--distilled", type=str, required=True, help="synthetic set (.safetensors)")
-    parser.add_argument("--data_dir", type=str | None, default=None, help="real dataset folder")
-    parser.add_argument("--archs", type=str, default="ConvNet",
-                        help="comma-separated networks, e.g. ConvNet,AlexNet,VGG11,ResNet18")
-    parser.add_argument("--runs", type=int, default=5, help="fresh networks per architecture")
-    parser.add_argument("--epochs", type=int, default=1000, help="training epochs (lr x0.1 at half)")
-    parser.add_argument("--lr", type=float | None, default=None, help="default: learned lr or 0.01")
-    parser.add_argument("--dsa", type=str, default=DEFAULT_DSA, help="DSA strategy or 'none'")
-    parser.add_argument("--baseline", type=bool, default=True, help="also random real images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--accelerator", type=str, default="auto")
-    parser.add_argument("--precision", type=str | None, default=None)
-    parser.add_argument("--protocol", type=str, default="auto",
-                        help="standard, dd (DD's learned unrolled steps; --archs/--epochs/--lr/--dsa "
-                             "are then the set's own) or auto (dd for DD sets)")
-    parser.add_argument("--output", type=str | None, default=None, help="write the report as JSON")
-    args = parser.parse_args(argv)
-    synthetic = SyntheticSet.load(args.distilled)
-    if synthetic.dataset not in DATASETS:
-        raise ValueError(f"{args.distilled} was distilled from {synthetic.dataset!r}; "
-                         f"ld3m evaluate knows {', '.join(DATASETS)}")
-    zca = synthetic.meta.get("zca")  # a whitened set is evaluated on equally whitened data
-    real: RealDataModule = DATASETS[synthetic.dataset](
-        data_dir=args.data_dir, zca=zca is not None, zca_eps=(zca or {}).get("eps", 0.1))
-    report = evaluate(synthetic, real, archs=[a.strip() for a in args.archs.split(",")],
-                      runs=args.runs, epochs=args.epochs, lr=args.lr, dsa=args.dsa,
-                      baseline=args.baseline, seed=args.seed, accelerator=args.accelerator,
-                      precision=args.precision, protocol=args.protocol)
-    print(report.table())
-    if args.output:
-        with atomic_write(args.output) as tmp:
-            tmp.write_text(report.to_json())
-    return 0
-
-
-def buffer_main(argv: list[str]) -> int:
-    """``ld3m buffer``: train expert networks and record their trajectories (MTT/DATM)."""
-    from ld3m.experts import train_experts
-
-    parser = ArgumentParser(prog="ld3m buffer",
-                            description="Train expert networks on real data and record their "
-                                        "parameters after every epoch (MTT/DATM's buffer). "
-                                        "Experts already in --folder are kept (resume).")
-    parser.add_argument("--data", type=str, default="FashionMNIST",
-                        help=f"dataset: {', '.join(DATASETS)}")
-    parser.add_argument("--data_dir", type=str | None, default=None, help="real dataset folder")
-    parser.add_argument("--folder", type=str | None, default=None,
-                        help="where the shards go (default runs/buffer/<data>_<network>)")
-    parser.add_argument("--experts", type=int, default=100, help="experts in the buffer")
-    parser.add_argument("--epochs", type=int, default=50, help="training epochs per expert")
-    parser.add_argument("--network", type=str, default="ConvNet")
-    parser.add_argument("--lr_teacher", type=float, default=0.01, help="SGD lr (no momentum)")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--dsa", type=str, default=DEFAULT_DSA, help="DSA strategy or 'none'")
-    parser.add_argument("--zca", type=bool, default=False,
-                        help="ZCA-whiten the images (distil with --data.zca true then)")
-    parser.add_argument("--zca_eps", type=float, default=0.1, help="ZCA regulariser")
-    parser.add_argument("--logits", type=bool, default=False,
-                        help="also store the final logits on the training images (DATM)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--accelerator", type=str, default="auto")
-    parser.add_argument("--precision", type=str | None, default=None)
-    parser.add_argument("--limit_train_batches", type=int | float | None, default=None,
-                        help="batches per epoch (default: the whole training set)")
-    parser.add_argument("--progress_bar", type=bool, default=True)
-    parser.add_argument("--rank", type=int | None, default=None,
-                        help="this process's share of the experts (default: $RANK or "
-                             "$SLURM_PROCID, else 0)")
-    parser.add_argument("--world_size", type=int | None, default=None,
-                        help="processes sharing the experts (default: $WORLD_SIZE or "
-                             "$SLURM_NTASKS, else 1)")
-    args = parser.parse_args(argv)
-    rank, world_size = _launcher_rank(args.rank, args.world_size)
-    if args.data not in DATASETS:
-        raise ValueError(f"unknown dataset {args.data!r}; choose one of: {', '.join(DATASETS)}")
-    data: RealDataModule = DATASETS[args.data](data_dir=args.data_dir, zca=args.zca,
-                                               zca_eps=args.zca_eps)
-    folder = args.folder or f"runs/buffer/{args.data.lower()}_{args.network.lower()}"
-    trainer_kwargs = {"accelerator": args.accelerator, "devices": 1, "precision": args.precision,
-                      "enable_progress_bar": args.progress_bar}
-    if world_size > 1 and torch.cuda.is_available():  # one GPU per local process
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-        trainer_kwargs["devices"] = [local % torch.cuda.device_count()]
-    if args.limit_train_batches is not None:
-        trainer_kwargs["limit_train_batches"] = args.limit_train_batches
-    buffer = train_experts(data, folder, experts=args.experts, epochs=args.epochs,
-                           network=args.network, lr_teacher=args.lr_teacher,
-                           batch_size=args.batch_size, dsa=args.dsa, logits=args.logits,
-                           seed=args.seed, trainer_kwargs=trainer_kwargs, rank=rank,
-                           world_size=world_size)
-    if buffer is None:
-        log.info("rank %d of %d: its experts are in %s", rank, world_size, folder)
-    else:
-        log.info("buffer %s: %d experts x %d epochs of %s on %s", folder, len(buffer),
-                 buffer.epochs, args.network, args.data)
-    return 0
-
-
-def prior_main(argv: list[str]) -> int:
-    """``ld3m prior``: train a small latent diffusion prior for LD3M on a real dataset."""
-    from ld3m.prior import train_prior
-
-    parser = ArgumentParser(prog="ld3m prior",
-                            description="Train a small class-conditional latent diffusion model on "
-                                        "real data for LD3M: an AutoencoderKL (stage 1), then a "
-                                        "class-conditional UNet2DModel denoiser on its latents "
-                                        "(stage 2), saved as a diffusers folder that "
-                                        "LatentGenerator.from_pretrained (and --model LD3M) loads. "
-                                        "Finished stages are kept in <folder>.parts and an "
-                                        "interrupted stage resumes from its last epoch: rerun the "
-                                        "same command to resume.")
-    parser.add_argument("--data", type=str, default="FashionMNIST",
-                        help=f"dataset: {', '.join(DATASETS)}")
-    parser.add_argument("--data_dir", type=str | None, default=None, help="real dataset folder")
-    parser.add_argument("--folder", type=str | None, default=None,
-                        help="output folder (default runs/prior/<data>)")
-    parser.add_argument("--latent_channels", type=int, default=4, help="channels of the latent")
-    parser.add_argument("--downsample", type=int, default=2,
-                        help="autoencoder downsampling, 2 or 4 (28x28 -> 14x14 or 7x7 latents)")
-    parser.add_argument("--vae_channels", type=str, default="32,64",
-                        help="comma-separated autoencoder channels, one per level "
-                             "(2 levels for --downsample 2, 3 for 4)")
-    parser.add_argument("--unet_channels", type=str, default="64,128",
-                        help="comma-separated UNet channels, one per level; the latent side must "
-                             "divide by 2^(levels-1) (14x14: up to 2 levels, 7x7: 1)")
-    parser.add_argument("--ae_epochs", type=int, default=10, help="autoencoder epochs")
-    parser.add_argument("--denoiser_epochs", type=int, default=30, help="denoiser epochs")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (both stages)")
-    parser.add_argument("--kl_weight", type=float, default=1e-4,
-                        help="weight of the autoencoder's per-pixel KL term")
-    parser.add_argument("--num_train_timesteps", type=int, default=1000,
-                        help="diffusion timesteps of the noise schedule")
-    parser.add_argument("--null_class", type=bool, default=True,
-                        help="train a null class (label dropout 0.1) for classifier-free guidance")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--accelerator", type=str, default="auto")
-    parser.add_argument("--precision", type=str | None, default=None)
-    parser.add_argument("--limit_train_batches", type=int | float | None, default=None,
-                        help="batches per epoch, or a fraction (default: the whole training set)")
-    parser.add_argument("--progress_bar", type=bool, default=True)
-    args = parser.parse_args(argv)
-    if args.data not in DATASETS:
-        raise ValueError(f"unknown dataset {args.data!r}; choose one of: {', '.join(DATASETS)}")
-    data: RealDataModule = DATASETS[args.data](data_dir=args.data_dir)
-    folder = args.folder or f"runs/prior/{args.data.lower()}"
-    trainer_kwargs = {"accelerator": args.accelerator, "devices": 1, "precision": args.precision,
-                      "enable_progress_bar": args.progress_bar}
-    generator = train_prior(data, folder, latent_channels=args.latent_channels,
-                            downsample=args.downsample, vae_channels=args.vae_channels,
-                            unet_channels=args.unet_channels, ae_epochs=args.ae_epochs,
-                            denoiser_epochs=args.denoiser_epochs, batch_size=args.batch_size,
-                            lr=args.lr, kl_weight=args.kl_weight,
-                            num_train_timesteps=args.num_train_timesteps,
-                            null_class=args.null_class, seed=args.seed,
-                            trainer_kwargs=trainer_kwargs,
-                            limit_train_batches=args.limit_train_batches)
-    meta = generator.meta
-    log.info("prior %s: latent %s, test reconstruction MSE %.4f, test denoising MSE %.4f", folder,
-             "x".join(map(str, generator.latent_shape)),
-             meta.get("autoencoder", {}).get("test_rec_mse", float("nan")),
-             meta.get("denoiser", {}).get("test_denoising_mse", float("nan")))
-    return 0
-
-
-def _launcher_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """``(rank, world_size)`` from the flags, else from torchrun's or SLURM's variables.
-
-    The launcher's variables are then removed from this process's environment: each process
-    trains its experts alone, and a Lightning ``Trainer`` that saw them would try to join a
-    process group.
-    """
-    env = os.environ
-    if rank is None:
-        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    if world_size is None:
-        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
-                "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
-        env.pop(var, None)
-    return rank, world_size
-
-
 def _run(argv: list[str]) -> int:
-    if argv and argv[0] == "evaluate":
-        return evaluate_main(argv[1:])
-    if argv and argv[0] == "buffer":
-        return buffer_main(argv[1:])
-    if argv and argv[0] == "prior":
-        return prior_main(argv[1:])
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    Ld3mCLI(DistillationModule, RealDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            trainer_defaults=trainer_defaults(), args=argv or ["fit"],
-            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
-    return 0
+    if not argv or argv[0] in _HELP:
+        print(top_help())
+        return 0
+    name, tokens = argv[0], argv[1:]
+    if name == "fit":
+        return fit_main(tokens)
+    if name in COMMANDS:
+        return command_main(name, tokens)
+    known = ["fit", *COMMANDS]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ValueError(f"unknown subcommand {name!r}; {hint}choose one of: {', '.join(known)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ld3m`` console script; returns the exit status."""
     _setup_logging()
+    _quiet_start()
     torch.set_float32_matmul_precision("high")
     argv = sys.argv[1:] if argv is None else argv
     try:
         return _run(argv)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except SystemExit as stop:  # --help, --print_config: 0; Lightning's Ctrl-C exit: 1
+        if stop.code in (0, None):
+            return 0
+        raise
+    except (ValueError, OSError, FloatingPointError, ArgumentError) as err:
         if os.environ.get("LD3M_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
 
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.augment import DSA
@@ -239,6 +240,15 @@ def _quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed the global RNGs (layers that draw from them, e.g. dropout) for one training, and
+    give the caller's RNG state back afterwards."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        yield
+
+
 def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "ConvNet",
                    epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
                    batch_size: int = 256, seed: int = 0, accelerator: str = "auto",
@@ -249,8 +259,8 @@ def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "C
         lr = float(synthetic.lr.reshape(-1)[-1]) if synthetic.lr is not None else 0.01
     c, h, _ = synthetic.image_shape
     model = Classifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs, dsa=dsa, seed=seed)
-    data = DistilledDataModule(synthetic, batch_size=batch_size, real=real)
-    with _quiet_lightning():
+    data = DistilledDataModule(synthetic, batch_size=batch_size, real=real, seed=seed + 2)
+    with _quiet_lightning(), _seeded(seed + 3):
         trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1,
                             precision=precision, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False,
@@ -276,7 +286,7 @@ def train_and_test_dd(synthetic: SyntheticSet, real: RealDataModule, seed: int =
     model = UnrolledClassifier(dd["network"], c, synthetic.num_classes, h,
                                lrs=synthetic.lr.reshape(-1).tolist(), initial=initial, seed=seed)
     batches = step_batches(synthetic.images.detach().float().cpu(), synthetic.num_classes, dd["steps"])
-    with _quiet_lightning():
+    with _quiet_lightning(), _seeded(seed + 3):
         trainer = L.Trainer(max_epochs=dd["epochs"], accelerator=accelerator, devices=1,
                             precision=precision, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False,
@@ -290,7 +300,7 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
              runs: int = 5, epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
              baseline: bool = True, ipc: int | None = None, seed: int = 0,
              accelerator: str = "auto", precision: str | None = None,
-             protocol: str = "auto") -> EvalReport:
+             protocol: str = "auto", progress: bool = True) -> EvalReport:
     """Evaluate a synthetic set (and the random-real baseline) over ``runs`` fresh networks per arch.
 
     Args:
@@ -308,6 +318,8 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
         precision: Lightning precision for the evaluation trainers.
         protocol: ``standard``, ``dd`` (DD's unrolled protocol; ``archs``, ``epochs``, ``lr`` and
             ``dsa`` are then the set's own) or ``auto`` (``dd`` for sets that carry DD settings).
+        progress: Show a progress bar (one tick per trained network, with its accuracy) on
+            stderr; every network is also logged on the ``ld3m.evaluation`` logger.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -334,12 +346,14 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
     if baseline and ipc < 1:
         raise ValueError("the random-real baseline needs ipc >= 1")
     results = []
+    sets = []
+    if baseline:
+        sets.append((f"random real (IPC {ipc})", None))
+    if synthetic is not None:
+        sets.append((f"{synthetic.method} (IPC {synthetic.ipc})", synthetic))
+    bar = tqdm(total=len(archs) * len(sets) * runs, desc="evaluation", unit="network",
+               disable=not progress, leave=False)
     for arch in archs:
-        sets = []
-        if baseline:
-            sets.append((f"random real (IPC {ipc})", None))
-        if synthetic is not None:
-            sets.append((f"{synthetic.method} (IPC {synthetic.ipc})", synthetic))
         for name, syn in sets:
             result = EvalResult(name, arch)
             for run in range(runs):
@@ -355,7 +369,10 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
                                          accelerator=accelerator, precision=precision)
                 result.accuracies.append(acc)
                 log.info("%s on %s, run %d/%d: %.2f%%", arch, name, run + 1, runs, 100 * acc)
+                bar.set_postfix_str(f"{arch} on {name}: {100 * acc:.2f}%")
+                bar.update()
             results.append(result)
+    bar.close()
     settings = {"archs": list(archs), "runs": runs, "epochs": epochs, "dsa": dsa, "ipc": ipc,
                 "dataset": real.dataset_name, "precision": precision, "protocol": protocol}
     if protocol == "dd":

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
 
 from ld3m.augment import DEFAULT_STRATEGY
 from ld3m.datamodules.real import RealDataModule
@@ -109,11 +110,12 @@ class Expert(Classifier):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.0, weight_decay=0.0)
 
     @torch.no_grad()
-    def logits(self, loader: DataLoader) -> torch.Tensor:
+    def logits(self, loader: DataLoader, progress: bool = False) -> torch.Tensor:
         """Logits of every image of ``loader`` (in its order), float32 on the CPU."""
         self.net.eval()
+        batches = tqdm(loader, desc="expert logits", unit="batch", leave=False, disable=not progress)
         with conv_backend(self.device):
-            out = [self.net(x.to(self.device)).float().cpu() for x, _ in loader]
+            out = [self.net(x.to(self.device)).float().cpu() for x, _ in batches]
         self.net.train()
         return torch.cat(out)
 
@@ -198,7 +200,9 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
                                f"{epochs} epochs; nothing was written for it")
         final_logits = None
         if logits:
-            final_logits = model.logits(DataLoader(train_set, batch_size=1024, shuffle=False))
+            log.info("expert %d: logits on the %d training images", index, len(train_set))
+            final_logits = model.logits(DataLoader(train_set, batch_size=1024, shuffle=False),
+                                        progress=kwargs.get("enable_progress_bar", True) is not False)
         ExpertTrajectory(torch.stack(model.snapshots), settings, final_logits).save(path)
         checkpoint.unlink(missing_ok=True)
         log.info("expert %d/%d written to %s", index + 1, experts, path)

@@ -78,8 +78,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,6 +86,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from ld3m.files import atomic_dir
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "LatentGenerator", "VectorClassEmbedding", "skip_weights"]
 
@@ -631,7 +631,7 @@ class LatentGenerator(nn.Module):
                 (target / CONFIG_NAME).is_file() or not any(target.iterdir()))):
             raise FileExistsError(f"{target} exists and is not an LD3M generator folder; "
                                   "not overwriting it")
-        with _atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp:
             self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             self.denoiser.save_pretrained(tmp / "unet", safe_serialization=True)
             self.scheduler.save_pretrained(tmp / "scheduler")
@@ -693,28 +693,3 @@ def _load_errors(where: Path) -> Iterator[None]:
         raise ValueError(f"cannot load {where}: {type(err).__name__}: {err}") from err
 
 
-@contextlib.contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to ``target``; on success it replaces ``target``.
-
-    A previous ``target`` is first renamed aside and deleted only once the new one is in place
-    (restored if the final rename fails); on any exception the temporary folder is removed.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, old)  # an empty placeholder dir: rename(2) may replace it
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

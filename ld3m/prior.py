@@ -64,7 +64,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from ld3m.datamodules.real import RealDataModule
-from ld3m.generator import _LOW_CPU_MEM, CONFIG_NAME, LatentGenerator, _atomic_dir
+from ld3m.files import atomic_dir
+from ld3m.generator import _LOW_CPU_MEM, CONFIG_NAME, LatentGenerator
 
 __all__ = ["NULL_DROPOUT", "build_autoencoder", "build_denoiser", "build_scheduler", "parts_folder",
            "train_prior"]
@@ -477,7 +478,7 @@ def train_prior(data: RealDataModule, folder: str | Path, *, latent_channels: in
         ae_stage = {"settings": ae_settings, "loss_per_epoch": module.history,
                     "test_rec_mse_before": before, "test_rec_mse": after,
                     "seconds": time.perf_counter() - start}
-        with _atomic_dir(ae_dir) as tmp:
+        with atomic_dir(ae_dir) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
             (tmp / STAGE_FILE).write_text(json.dumps(ae_stage, indent=2) + "\n")
         shutil.rmtree(parts / "ckpt" / "autoencoder", ignore_errors=True)
@@ -513,7 +514,7 @@ def train_prior(data: RealDataModule, folder: str | Path, *, latent_channels: in
         dn_stage = {"settings": dn_settings, "scaling_factor": scaling_factor,
                     "loss_per_epoch": module.history, "test_denoising_mse_before": before,
                     "test_denoising_mse": after, "seconds": time.perf_counter() - start}
-        with _atomic_dir(dn_dir) as tmp:
+        with atomic_dir(dn_dir) as tmp:
             unet.save_pretrained(tmp, safe_serialization=True)
             (tmp / STAGE_FILE).write_text(json.dumps(dn_stage, indent=2) + "\n")
         shutil.rmtree(parts / "ckpt" / "denoiser", ignore_errors=True)

@@ -10,7 +10,9 @@ at ``setup`` (so a checkpoint restores into an already allocated tensor).
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -19,7 +21,10 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from ld3m.networks import NETWORK_NAMES, get_network
+from ld3m.outputs import choose_output_dir, same_folder
 from ld3m.synthetic import SyntheticSet
+
+log = logging.getLogger("ld3m")
 
 INITS = ("real", "noise")
 
@@ -71,6 +76,8 @@ class DistillationModule(L.LightningModule):
         self.images: nn.Parameter | None = None
         self.register_buffer("labels", torch.empty(0, dtype=torch.long))
         self._initialised = False
+        #: ``{"root", "output_dir"}`` of the fit writing this module's outputs (kept in checkpoints)
+        self._run_folders: dict[str, str] | None = None
         if num_classes is not None and image_shape is not None:
             self._allocate(num_classes, self.image_shape)
 
@@ -120,6 +127,13 @@ class DistillationModule(L.LightningModule):
             else:
                 self.images.copy_(torch.randn(self.images.shape, generator=generator))
 
+    @property
+    def show_progress(self) -> bool:
+        """Whether long set-up phases show a progress bar: on rank 0, when the trainer has one."""
+        if self._trainer is None:
+            return True
+        return self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+
     def shared_generator(self, step: int, salt: int = 0) -> torch.Generator:
         """A CPU generator keyed by seed, ``step`` and ``salt``: the same on every DDP rank."""
         value = (self.seed * 1_000_003 + step * 7919 + salt * 15_485_863) % (2**63)
@@ -135,6 +149,31 @@ class DistillationModule(L.LightningModule):
         rank = self.global_rank if self._trainer is not None else 0
         value = (self.seed * 1_000_003 + self.global_step * 7919 + rank * 104_729 + salt) % (2**63)
         return torch.Generator().manual_seed(value)
+
+    # ------------------------------------------------------------------------------ outputs
+    def on_fit_start(self) -> None:
+        self.output_dir(decide_on_every_rank=True)
+
+    def output_dir(self, decide_on_every_rank: bool = False) -> Path:
+        """The folder this fit writes its set, grids and report to (see :mod:`ld3m.outputs`).
+
+        Decided once per fit at ``on_fit_start`` (by rank 0, broadcast to the others) and kept
+        in checkpoints, so a run resumed in the same ``default_root_dir`` writes where it did.
+        """
+        trainer = self.trainer
+        root = Path(trainer.default_root_dir)
+        known = self._run_folders
+        if known is not None and same_folder(known["root"], root):
+            return Path(known["output_dir"])
+        log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+        chosen = str(choose_output_dir(root, log_dir))
+        if decide_on_every_rank:  # a collective: every rank is here (on_fit_start)
+            chosen = trainer.strategy.broadcast(chosen, src=0)
+        if not same_folder(chosen, root):
+            log.info("%s already holds another run's outputs; this run writes its own to %s",
+                     root, chosen)
+        self._run_folders = {"root": str(root), "output_dir": chosen}
+        return Path(chosen)
 
     # ------------------------------------------------------------------------------ training
     def configure_optimizers(self):
@@ -186,7 +225,8 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ld3m"] = {"dataset": self.dataset_name, "mean": list(self.mean),
                               "std": list(self.std), "num_classes": self.num_classes,
-                              "image_shape": list(self.image_shape or ()), "zca": self.zca}
+                              "image_shape": list(self.image_shape or ()), "zca": self.zca,
+                              "run": self._run_folders}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("ld3m")
@@ -197,4 +237,5 @@ class DistillationModule(L.LightningModule):
         self.dataset_name = info["dataset"]
         self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
         self.zca = info.get("zca")
+        self._run_folders = info.get("run")
         self._initialised = True

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ld3m.callbacks.datm import StartEpochSchedule
 from ld3m.modules.mtt import MTT
 from torch import nn
+from tqdm.auto import tqdm
 
 from ld3m.augment import DEFAULT_STRATEGY
 from ld3m.networks import conv_backend
@@ -120,13 +121,31 @@ class DATM(MTT):
                 raise ValueError(f"the buffer's logits cover {expert.logits.shape[0]} images, the "
                                  f"training set has {len(dm.train_split)}")
             return expert.logits
-        log.info("DATM: the buffer has no logits (ld3m buffer --logits true); computing them")
+        log.info("DATM: the buffer has no logits (ld3m buffer --logits true); computing expert "
+                 "0's logits on the %d training images once", len(dm.train_split))
         net = self.build_network(self.buffer.info["network"])
         net.load_state_dict(expert.parameters_at(expert.epochs), strict=False)
         net.eval()
         loader = torch.utils.data.DataLoader(dm.train_split.dataset(dm), batch_size=1024)
         with torch.no_grad(), conv_backend(torch.device("cpu")):
-            return torch.cat([net(x).float() for x, _ in loader])
+            logits = torch.cat([net(x).float() for x, _ in tqdm(
+                loader, desc="DATM: expert logits", unit="batch", leave=False,
+                disable=not self.show_progress)])
+        self._store_logits(expert, logits)
+        return logits
+
+    def _store_logits(self, expert, logits: torch.Tensor) -> None:
+        """Write computed logits back into the expert's shard (rank 0), so the next run on this
+        buffer reads them; a read-only buffer is left as it is."""
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        path = self.buffer.paths[0]
+        try:
+            type(expert)(expert.trajectory, expert.info, logits).save(path)
+            log.info("DATM: the logits are stored in %s for the next run", path)
+        except OSError as err:
+            log.warning("DATM: could not store the logits in %s (%s); they are recomputed "
+                        "next time", path, err.strerror or err)
 
     def initialise(self, dm) -> None:
         """Correctly classified real images of every class, and their expert logits."""

@@ -5,7 +5,7 @@
    protocol's :class:`ld3m.evaluation.Classifier`: SGD, momentum 0.9, weight decay 5e-4,
    batch 256, no augmentation, ``embed_steps`` steps; the lr drops x0.1 at the first epoch
    boundary at or past half of them, if the run gets there). A trained network is saved to
-   ``<default_root_dir>/dq_embedding.pt``; pass that file as ``embed_checkpoint`` to reuse it.
+   ``dq_embedding.pt`` in the run's output folder; pass that file as ``embed_checkpoint`` to reuse it.
 2. **Features.** Every training image is embedded: ``embedding`` (the penultimate features,
    ``net.embed``) or ``gradient`` (the cross-entropy gradient of the last linear layer,
    ``(softmax - onehot) (x) [features, 1]``, the authors' choice; its cosine similarity is
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from ld3m.modules.base import DistillationModule, check_network_name
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ld3m.coreset import DEFAULT_MATRIX_BYTES, quantize
 from ld3m.evaluation import Classifier, _quiet_lightning
@@ -67,7 +68,7 @@ FEATURES = ("embedding", "gradient")
 EMBED_BATCH = 256
 #: Images per forward when embedding the training set.
 EMBED_CHUNK = 1000
-#: File the trained embedding network is saved to, under the trainer's ``default_root_dir``.
+#: File the trained embedding network is saved to, in the run's output folder.
 EMBED_FILE = "dq_embedding.pt"
 
 # salts of the seeded draws
@@ -290,7 +291,8 @@ class DQ(DistillationModule):
             start = time.perf_counter()
             with _quiet_lightning():
                 trainer = L.Trainer(max_steps=self.embed_steps, max_epochs=-1, logger=False,
-                                    enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_checkpointing=False,
+                                    enable_progress_bar=self.show_progress,
                                     enable_model_summary=False, num_sanity_val_steps=0,
                                     **self._device_kwargs())
                 trainer.fit(model, train_dataloaders=loader)
@@ -331,7 +333,7 @@ class DQ(DistillationModule):
             if rank == 0:
                 state = self.train_embedding_network(dm)
                 if self._trainer is not None:
-                    path = Path(self.trainer.default_root_dir) / EMBED_FILE
+                    path = self.output_dir() / EMBED_FILE
                     with atomic_write(path) as tmp:
                         torch.save({"state_dict": state, "network": self.network,
                                     "dataset": self.dataset_name, "steps": self.embed_steps,
@@ -363,9 +365,10 @@ class DQ(DistillationModule):
         rank, world = self._rank_world()
         per_rank = math.ceil(n / world)
         index = torch.arange(rank * per_rank, min(n, (rank + 1) * per_rank))
+        chunks = tqdm(index.split(EMBED_CHUNK), desc="DQ: embedding the training set",
+                      unit="chunk", leave=False, disable=not self.show_progress)
         parts = [self.embed(net, split.images(chunk, dm).to(self.device),
-                            split.labels[chunk].to(self.device))
-                 for chunk in index.split(EMBED_CHUNK)]
+                            split.labels[chunk].to(self.device)) for chunk in chunks]
         local = torch.cat(parts) if parts else None
         if world > 1:
             width = self._broadcast(local.shape[1] if local is not None else None)
@@ -441,6 +444,7 @@ class DQ(DistillationModule):
 
     # ------------------------------------------------------------------------------ Lightning
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.selected:
             log.info("DQ: selection restored from the checkpoint")
             return

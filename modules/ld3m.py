@@ -93,7 +93,9 @@ class LD3M(DistillationModule):
         lr_latent: Learning rate of the latents ``z`` (SGD).
         lr_embedding: Learning rate of the class embeddings ``c`` (SGD).
         momentum: Momentum of the SGD of ``z`` and ``c``.
-        network: Network of the objective (see ``ld3m.networks``).
+        network: Network of the objective (see ``ld3m.networks``; default ``ConvNet``). ``mtt``
+            trains the buffer's network: the default is then the buffer's, and another name
+            is refused.
         dsa: DSA strategy of the objective; ``"none"`` disables it.
         lr_net: ``dc``: learning rate of the network's inner SGD.
         outer_loop: ``dc``: image updates per random network (default: DC's, by IPC).
@@ -117,7 +119,7 @@ class LD3M(DistillationModule):
     def __init__(self, generator: str, ipc: int = 10, objective: str = "dm", steps: int = 10,
                  guidance: float = 1.0, skip: bool = True, chunk_size: int | None = 10,
                  lr_latent: float = 0.01, lr_embedding: float = 0.01, momentum: float = 0.5,
-                 network: str = "ConvNet", dsa: str = DEFAULT_DSA, lr_net: float = 0.01,
+                 network: str | None = None, dsa: str = DEFAULT_DSA, lr_net: float = 0.01,
                  outer_loop: int | None = None, inner_loop: int | None = None,
                  buffer: str | None = None, syn_steps: int = 20, expert_epochs: int = 2,
                  max_start_epoch: int = 20, min_start_epoch: int = 0, lr_teacher: float = 0.01,
@@ -157,7 +159,8 @@ class LD3M(DistillationModule):
             raise ValueError(f"outer_loop must be at least 1, got {outer_loop}")
         if inner_loop is not None and inner_loop < 0:
             raise ValueError(f"inner_loop must be >= 0, got {inner_loop}")
-        check_network_name(network)
+        if network is not None:
+            check_network_name(network)
         folder = Path(generator).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"no LD3M generator folder at {folder} (make one with `ld3m prior`)")
@@ -258,9 +261,9 @@ class LD3M(DistillationModule):
             common = dict(ipc=self.ipc, init="real", dsa=self.dsa_strategy, seed=self.seed,
                           num_classes=self.num_classes, image_shape=self.image_shape)
             if self.objective == "dm":
-                helper = DM(network=self.network, **common)
+                helper = DM(network=self.network or "ConvNet", **common)
             elif self.objective == "dc":
-                helper = DC(network=self.network, lr_net=self.lr_net, outer_loop=self.outer_loop,
+                helper = DC(network=self.network or "ConvNet", lr_net=self.lr_net, outer_loop=self.outer_loop,
                             inner_loop=self.inner_loop, **common)
             else:
                 helper = MTT(self.buffer_dir, **self.mtt_args, **common)
@@ -274,6 +277,10 @@ class LD3M(DistillationModule):
 
     def _check_buffer(self, helper: MTT) -> None:
         info = helper.buffer.info
+        if self.network is not None and self.network.lower() != str(info["network"]).lower():
+            raise ValueError(f"objective 'mtt' trains the buffer's network: {self.buffer_dir} "
+                             f"holds {info['network']} experts, not {self.network} (leave out "
+                             f"--model.network, or give a buffer of {self.network} experts)")
         if (info["num_classes"], tuple(info["image_shape"])) != (self.num_classes, self.image_shape):
             raise ValueError(f"the buffer {self.buffer_dir} was trained on {info['dataset']} "
                              f"({info['num_classes']} classes of {tuple(info['image_shape'])}), "

@@ -35,3 +35,30 @@ def write_fashion_mnist_slice(source, root: Path, train: int, test: int) -> Path
         write_idx(raw / f"{prefix}-images-idx3-ubyte", split.cached[:n, 0])
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", split.labels[:n])
     return root
+
+
+class SigintAt(L.Callback):
+    """Send this process a SIGINT (a Ctrl-C) at the end of step ``step``: the interruption lands
+    at a known step, so a test can compare the resumed run with an uninterrupted one."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class Pace(L.Callback):
+    """Sleep ``seconds`` after every step, so that a signal sent from outside lands mid-run."""
+
+    def __init__(self, seconds: float = 0.2) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)

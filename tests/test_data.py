@@ -54,6 +54,22 @@ def test_fashion_mnist_is_staged_uncompressed(data_dir: Path) -> None:
     assert (raw / "t10k-labels-idx1-ubyte").stat().st_size == 8 + 10_000
 
 
+def test_default_data_dir_is_one_user_cache(tmp_path: Path, monkeypatch) -> None:
+    """Without ``data_dir`` or ``$LD3M_DATA_DIR`` the data lives in the user's cache, staged
+    there once, whichever folder the run starts in (not a ``./data`` copy per folder)."""
+    monkeypatch.delenv("LD3M_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        dm = FashionMNIST()
+        assert dm.data_dir == tmp_path / "cache" / "ld3m" / "datasets"
+        dm.prepare_data()
+        assert not (tmp_path / folder / "data").exists()
+    raw = tmp_path / "cache" / "ld3m" / "datasets" / "FashionMNIST" / "raw"
+    assert (raw / "train-images-idx3-ubyte").stat().st_size == 16 + 60_000 * 28 * 28
+
+
 def test_sample_per_class_shape_classes_and_distinct(fmnist: FashionMNIST) -> None:
     images = fmnist.sample_per_class(5, torch.Generator().manual_seed(0))
     assert images.shape == (10, 5, 1, 28, 28)

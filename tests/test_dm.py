@@ -190,8 +190,10 @@ def test_nan_during_fit_keeps_the_last_finite_images(fmnist: FashionMNIST, tmp_p
     assert poison.images_before is not None
     assert torch.isfinite(model.images).all()
     assert torch.equal(model.images.detach(), poison.images_before), "the images were updated"
-    saved = SyntheticSet.load(tmp_path / "synthetic.safetensors")
+    # the last finite images, under another name than a finished set's
+    saved = SyntheticSet.load(tmp_path / "synthetic.failed.safetensors")
     assert torch.equal(saved.images, poison.images_before)
+    assert not (tmp_path / "synthetic.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------ a short fit

@@ -125,13 +125,13 @@ def test_bad_arguments(tiny: MNIST, tmp_path: Path) -> None:
 
 def test_cli_buffer(tiny: MNIST, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "cli"
-    args = ["buffer", "--data", "MNIST", "--data_dir", str(tiny.data_dir), "--folder", str(folder),
+    args = ["buffer", "--data", "MNIST", "--data.data_dir", str(tiny.data_dir), "--folder", str(folder),
             "--experts", "1", "--epochs", "1", "--network", "ConvNetD1", "--batch_size", "8",
             "--accelerator", "cpu", "--progress_bar", "false"]
     assert main(args) == 0
     assert TrajectoryBuffer(folder).epochs == 1
     assert main(["buffer", "--data", "Imagenet"]) == 2
-    assert "unknown dataset" in capsys.readouterr().err
+    assert "unknown --data 'Imagenet'" in capsys.readouterr().err
 
 
 def test_ranks_share_the_experts(tiny: MNIST, tmp_path: Path) -> None:
@@ -153,7 +153,7 @@ def test_cli_reads_the_launcher_environment(tiny: MNIST, tmp_path: Path, monkeyp
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     folder = tmp_path / "torchrun"
-    assert main(["buffer", "--data", "MNIST", "--data_dir", str(tiny.data_dir), "--folder",
+    assert main(["buffer", "--data", "MNIST", "--data.data_dir", str(tiny.data_dir), "--folder",
                  str(folder), "--experts", "2", "--epochs", "1", "--network", "ConvNetD1",
                  "--batch_size", "8", "--accelerator", "cpu", "--progress_bar", "false"]) == 0
     assert [p.name for p in folder.iterdir()] == [shard_name(1)]

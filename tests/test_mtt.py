@@ -209,8 +209,6 @@ def test_recipes_follow_the_published_cifar10_settings(method: str) -> None:
 def test_recipe_parses_through_the_cli(capsys) -> None:
     from ld3m.cli import main
 
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(CONFIG_DIR / "datm_cifar10_ipc10.yaml"), "--print_config"])
-    assert info.value.code in (0, None)
+    assert main(["fit", "--config", str(CONFIG_DIR / "datm_cifar10_ipc10.yaml"), "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "class_path: ld3m.modules.DATM" in out and "current_max_start_epoch: 10" in out

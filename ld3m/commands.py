@@ -1,0 +1,203 @@
+"""The ``ld3m`` subcommands besides ``fit``, one typed function each.
+
+``ld3m.cli`` builds each subcommand's parser from its function's signature and docstring
+(jsonargparse), so the flags, their types, defaults and help live here once: ``ld3m evaluate
+--help`` shows this docstring's ``Args``, and ``--config``/``--print_config`` work as for ``fit``.
+The functions can also be called from Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
+from ld3m.datamodules.real import DATASETS, ImageFolderData, RealDataModule
+from ld3m.evaluation import EvalReport
+from ld3m.evaluation import evaluate as run_evaluation
+from ld3m.files import atomic_write
+from ld3m.synthetic import SyntheticSet
+
+log = logging.getLogger("ld3m")
+
+__all__ = ["buffer", "evaluate", "prior"]
+
+
+def evaluate(distilled: str, data_dir: str | None = None, archs: list[str] | str = "ConvNet",
+             runs: int = 5, epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
+             baseline: bool = True, seed: int = 0, accelerator: str = "auto",
+             precision: str | None = None, protocol: str = "auto",
+             output: str | None = None) -> EvalReport:
+    """Train fresh networks on a distilled set and report their real test accuracy. Random
+    real images of the same IPC are trained the same way beside it (the baseline).
+
+    Args:
+        distilled: The synthetic set (a ``.safetensors`` file written by ``ld3m fit``).
+        data_dir: Folder of the real dataset the set was distilled from (default:
+            ``$LD3M_DATA_DIR`` or the user cache).
+        archs: Networks to train, a list or comma-separated (e.g. ConvNet,AlexNet,VGG11,ResNet18).
+        runs: Fresh networks per architecture.
+        epochs: Training epochs per network (the lr drops x0.1 at half).
+        lr: Learning rate (default: the set's learned lr, else 0.01).
+        dsa: DSA strategy while training, or ``none``.
+        baseline: Also train on random real images of the same IPC.
+        seed: Seed of every draw (networks, augmentation, shuffling, baseline images): the same
+            seed gives the same table.
+        accelerator: Lightning accelerator of the evaluation trainers.
+        precision: Lightning precision of the evaluation trainers.
+        protocol: ``standard``, ``dd`` (DD's learned unrolled steps; archs, epochs, lr and dsa
+            are then the set's own) or ``auto`` (``dd`` for DD sets).
+        output: Also write the report as JSON to this file.
+    """
+    synthetic = SyntheticSet.load(distilled)
+    if synthetic.dataset not in DATASETS:
+        raise ValueError(f"{distilled} was distilled from {synthetic.dataset!r}; "
+                         f"ld3m evaluate knows {', '.join(DATASETS)}")
+    zca = synthetic.meta.get("zca")  # a whitened set is evaluated on equally whitened data
+    kwargs = {"zca": zca is not None, "zca_eps": (zca or {}).get("eps", 0.1)}
+    data_class = DATASETS[synthetic.dataset]
+    if issubclass(data_class, ImageFolderData):
+        if data_dir is None:
+            raise ValueError(f"{distilled} was distilled from an image folder: pass --data_dir")
+        kwargs["image_size"] = synthetic.image_shape[-1]
+    real: RealDataModule = data_class(data_dir=data_dir, **kwargs)
+    names = [a.strip() for a in archs.split(",")] if isinstance(archs, str) else list(archs)
+    report = run_evaluation(synthetic, real, archs=names, runs=runs, epochs=epochs, lr=lr,
+                            dsa=dsa, baseline=baseline, seed=seed, accelerator=accelerator,
+                            precision=precision, protocol=protocol, progress=False)
+    print(report.table())
+    if output:
+        with atomic_write(output) as tmp:
+            tmp.write_text(report.to_json())
+    return report
+
+
+def buffer(data: RealDataModule, folder: str | None = None, experts: int = 100, epochs: int = 50,
+           network: str = "ConvNet", lr_teacher: float = 0.01, batch_size: int = 256,
+           dsa: str = DEFAULT_DSA, logits: bool = False, seed: int = 0, accelerator: str = "auto",
+           precision: str | None = None, limit_train_batches: int | float | None = None,
+           progress_bar: bool = True, rank: int | None = None,
+           world_size: int | None = None) -> None:
+    """Train expert networks on real data and record their parameters after every epoch
+    (MTT/DATM's buffer). Experts already in the folder are kept, and an interrupted expert
+    resumes from its last finished epoch: rerun the same command.
+
+    Args:
+        data: The real dataset (``--data NAME``, its settings as ``--data.*``; e.g.
+            ``--data.zca true`` for a whitened buffer, to distil with ``--data.zca true`` then).
+        folder: Where the shards go (default ``runs/buffer/<data>_<network>``).
+        experts: Experts in the finished buffer.
+        epochs: Training epochs per expert.
+        network: The experts' network (see ``ld3m.networks``).
+        lr_teacher: SGD learning rate of the experts (no momentum).
+        batch_size: Minibatch size.
+        dsa: DSA strategy of the training batches, or ``none``.
+        logits: Also store each expert's final logits on the training images (DATM).
+        seed: Base seed (expert ``i`` uses ``seed + 1000 i``).
+        accelerator: Lightning accelerator.
+        precision: Lightning precision.
+        limit_train_batches: Batches per epoch (default: the whole training set).
+        progress_bar: Show Lightning's progress bars.
+        rank: This process's share of the experts (default: ``$RANK`` or ``$SLURM_PROCID``, else 0).
+        world_size: Processes sharing the experts (default: ``$WORLD_SIZE`` or ``$SLURM_NTASKS``,
+            else 1).
+    """
+    from ld3m.experts import train_experts
+
+    local = _local_rank()  # before _launcher_rank removes the launcher's variables
+    rank, world_size = _launcher_rank(rank, world_size)
+    folder = folder or f"runs/buffer/{data.dataset_name.lower()}_{network.lower()}"
+    trainer_kwargs = {"accelerator": accelerator, "devices": 1, "precision": precision,
+                      "enable_progress_bar": progress_bar}
+    if world_size > 1 and accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        trainer_kwargs["devices"] = [local % torch.cuda.device_count()]  # one GPU per process
+    if limit_train_batches is not None:
+        trainer_kwargs["limit_train_batches"] = limit_train_batches
+    result = train_experts(data, folder, experts=experts, epochs=epochs, network=network,
+                           lr_teacher=lr_teacher, batch_size=batch_size, dsa=dsa, logits=logits,
+                           seed=seed, trainer_kwargs=trainer_kwargs, rank=rank,
+                           world_size=world_size)
+    if result is None:
+        log.info("rank %d of %d: its experts are in %s", rank, world_size, folder)
+    else:
+        log.info("buffer %s: %d experts x %d epochs of %s on %s", folder, len(result),
+                 result.epochs, network, data.dataset_name)
+
+
+def prior(data: RealDataModule, folder: str | None = None, latent_channels: int = 4,
+          downsample: int = 2, vae_channels: list[int] | str = "32,64",
+          unet_channels: list[int] | str = "64,128", ae_epochs: int = 10,
+          denoiser_epochs: int = 30, batch_size: int = 128, lr: float = 1e-3,
+          kl_weight: float = 1e-4, num_train_timesteps: int = 1000, null_class: bool = True,
+          seed: int = 0, accelerator: str = "auto", precision: str | None = None,
+          limit_train_batches: int | float | None = None, progress_bar: bool = True) -> None:
+    """Train a small class-conditional latent diffusion model on real data for LD3M. It is an
+    AutoencoderKL (stage 1), then a class-conditional UNet2DModel denoiser on its latents
+    (stage 2), saved as a diffusers folder that ``--model LD3M --model.generator`` loads.
+    Finished stages are kept in ``<folder>.parts`` and an interrupted stage resumes from its
+    last epoch: rerun the same command.
+
+    Args:
+        data: The real dataset (``--data NAME``, its settings as ``--data.*``; not ZCA-whitened).
+        folder: Output folder (default ``runs/prior/<data>``).
+        latent_channels: Channels of the latent.
+        downsample: Autoencoder downsampling, 2 or 4 (28x28 -> 14x14 or 7x7 latents).
+        vae_channels: Autoencoder channels, one per level (2 levels for downsample 2, 3 for 4).
+        unet_channels: UNet channels, one per level; the latent side must divide by
+            2^(levels-1) (14x14: up to 2 levels, 7x7: 1).
+        ae_epochs: Autoencoder epochs.
+        denoiser_epochs: Denoiser epochs.
+        batch_size: Minibatch size of both stages.
+        lr: AdamW learning rate of both stages.
+        kl_weight: Weight of the autoencoder's per-pixel KL term.
+        num_train_timesteps: Diffusion timesteps of the noise schedule.
+        null_class: Train a null class (label dropout 0.1) for classifier-free guidance.
+        seed: Seed of the initialisations, shuffling and noise.
+        accelerator: Lightning accelerator.
+        precision: Lightning precision.
+        limit_train_batches: Batches per epoch, or a fraction (default: the whole training set).
+        progress_bar: Show Lightning's progress bars.
+    """
+    from ld3m.prior import train_prior
+
+    folder = folder or f"runs/prior/{data.dataset_name.lower()}"
+    trainer_kwargs = {"accelerator": accelerator, "devices": 1, "precision": precision,
+                      "enable_progress_bar": progress_bar}
+    generator = train_prior(data, folder, latent_channels=latent_channels, downsample=downsample,
+                            vae_channels=vae_channels, unet_channels=unet_channels,
+                            ae_epochs=ae_epochs, denoiser_epochs=denoiser_epochs,
+                            batch_size=batch_size, lr=lr, kl_weight=kl_weight,
+                            num_train_timesteps=num_train_timesteps, null_class=null_class,
+                            seed=seed, trainer_kwargs=trainer_kwargs,
+                            limit_train_batches=limit_train_batches)
+    meta = generator.meta
+    log.info("prior %s: latent %s, test reconstruction MSE %.4f, test denoising MSE %.4f", folder,
+             "x".join(map(str, generator.latent_shape)),
+             meta.get("autoencoder", {}).get("test_rec_mse", float("nan")),
+             meta.get("denoiser", {}).get("test_denoising_mse", float("nan")))
+
+
+def _local_rank() -> int:
+    """This process's index on its node, from torchrun's or SLURM's variables (0 if neither)."""
+    env = os.environ
+    return int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+
+
+def _launcher_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)`` from the arguments, else from torchrun's or SLURM's variables.
+
+    The launcher's variables are then removed from this process's environment: each process
+    trains its experts alone, and a Lightning ``Trainer`` that saw them would try to join a
+    process group.
+    """
+    env = os.environ
+    if rank is None:
+        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    if world_size is None:
+        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        env.pop(var, None)
+    return rank, world_size
