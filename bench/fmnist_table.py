@@ -1,7 +1,7 @@
 """Distil Fashion-MNIST with a small budget, evaluate with ``ld3m evaluate``, print a table.
 
 For each ``method`` and ``ipc`` this runs the method's published recipe
-(``ld3m/configs/<method>_fashionmnist_ipc<ipc>.yaml``) with a smaller budget, then
+(``ld3m fit --config <method>_fashionmnist_ipc<ipc>``) with a smaller budget, then
 ``ld3m evaluate`` on the exported set, and prints one Markdown row per set next to the
 published figure. Everything lands under ``--root`` (``runs/table`` by default); a set that is
 already there is not distilled again, a report that is already there is not recomputed.
@@ -167,8 +167,8 @@ def main() -> None:
             if method == "DQ" and dq_embedding is not None:
                 extra += ["--model.init_args.embed_checkpoint", str(dq_embedding)]
             if not distilled.exists():
-                config = Path("ld3m/configs") / f"{method.lower()}_fashionmnist_ipc{ipc}.yaml"
-                fit_seconds = run([sys.executable, "-m", "ld3m.cli", "fit", "--config", str(config),
+                config = f"{method.lower()}_fashionmnist_ipc{ipc}"  # a packaged recipe, by name
+                fit_seconds = run([sys.executable, "-m", "ld3m.cli", "fit", "--config", config,
                                    "--trainer.max_steps", str(budget["steps"]),
                                    "--trainer.default_root_dir", str(folder),
                                    "--data.init_args.batch_per_class", str(budget["batch_per_class"]),

@@ -76,9 +76,9 @@ class PeriodicEvaluation(L.Callback):
                 result = report.get(name, arch)
                 self.history.append({"step": step, "arch": arch, "mean": result.mean,
                                      "std": result.std})
-                if trainer.logger is not None:
-                    trainer.logger.log_metrics({f"eval/{arch}": result.mean,
-                                                f"eval/{arch}_std": result.std}, step)
+                for logger in trainer.loggers:
+                    logger.log_metrics({f"eval/{arch}": result.mean,
+                                        f"eval/{arch}_std": result.std}, step)
             rows = [[r.name, r.arch, 100 * r.mean, 100 * r.std] for r in report.results]
             log_table(trainer, "evaluation", ["set", "arch", "accuracy", "std"], rows,
                       report.table(), step)

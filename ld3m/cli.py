@@ -37,6 +37,7 @@ import ld3m.datamodules  # noqa: F401  (registers the data modules for --data NA
 import ld3m.modules  # noqa: F401  (registers the methods for --model NAME)
 from ld3m import commands
 from ld3m.callbacks import ExportSynthetic, ImageGrid, PeriodicEvaluation, ResumeCheckpoint
+from ld3m.configs import recipe_path
 from ld3m.datamodules import DATASETS, RealDataModule
 from ld3m.files import check_writable
 from ld3m.loggers import default_loggers
@@ -59,7 +60,8 @@ TRAINER_DEFAULTS = {
 FIT_HELP = ("Distil a real dataset into a few synthetic images per class with one method. "
             "Pick it with --model NAME ({methods}; `ld3m fit --model NAME --help` lists its "
             "flags) and the data with --data NAME ({datasets}). With neither, the CPU-sized "
-            "default run: DM, IPC 10, on Fashion-MNIST.")
+            "default run: DM, IPC 10, on Fashion-MNIST. The published settings are recipes: "
+            "--config NAME, NAME <method>_<dataset>_ipc<N> (e.g. dm_cifar10_ipc10).")
 
 #: The subcommands besides ``fit``: name -> function whose signature is the command line.
 COMMANDS: dict[str, Callable] = {
@@ -164,7 +166,12 @@ def prepare_argv(tokens: list[str], groups: dict[str, list[str]]) -> tuple[list[
                 tokens[index] = path
         found = _option_value(tokens, i, _CONFIG)
         if found is not None:
-            content = _config_groups(found[1])
+            index, value = found
+            recipe = recipe_path(value) if not Path(value).is_file() else None
+            if recipe is not None:  # a packaged recipe by name: --config dm_cifar10_ipc10
+                value = str(recipe)
+                tokens[index] = value if index != i else tokens[i].split("=", 1)[0] + "=" + value
+            content = _config_groups(value)
             for group in groups:
                 value = _names_a_class(content.get(group))
                 if value is not None:
@@ -402,12 +409,25 @@ def _quiet_start() -> None:
         rank_zero.addFilter(tips)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes (a notebook or a
+    test may replace it after ``main`` ran), not to the stream it was made with."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     # main() may run several times in one process (tests, notebooks): replace, don't stack, the
-    # handler, and bind it to the current sys.stderr
+    # handler
     for old in [h for h in log.handlers if h.get_name() == "ld3m-cli"]:
         log.removeHandler(old)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.set_name("ld3m-cli")
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)

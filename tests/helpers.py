@@ -17,6 +17,16 @@ def cpu_trainer(root: Path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer
                      **settings)
 
 
+def error_line(capsys) -> str:
+    """The one ``error:`` line a command printed: the last line of stderr, no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == lines[0], "the error line must be the last one"
+    return lines[0]
+
+
 def write_idx(path: Path, data: torch.Tensor) -> None:
     """An IDX file of unsigned bytes: magic 0x0000080N, N big-endian int32 sizes, the data."""
     header = struct.pack(">I", 0x0800 | data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import error_line
 from ld3m.datamodules import FashionMNIST
 from ld3m.modules import DM
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -27,15 +28,6 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
     return ["fit", "--model.ipc", "1", "--data.batch_per_class", "8", "--trainer.max_steps", "2",
             "--trainer.default_root_dir", str(root), "--evaluation.at_end", "false",
             "--trainer.enable_progress_bar", "false", *extra]
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert err.rstrip().splitlines()[-1] == lines[0], "the error line must be the last one"
-    return lines[0]
 
 
 def _cli_command() -> list[str]:
@@ -59,32 +51,32 @@ def _corrupt_set(tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------ bad input
 def test_unknown_network(data_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(_fit_args(tmp_path, "--model.network", "Foo")) == 2
-    assert "unknown network 'Foo'" in _error_line(capsys)
+    assert "unknown network 'Foo'" in error_line(capsys)
 
 
 def test_ipc_above_class_size(data_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(_fit_args(tmp_path, "--model.ipc", "7000", "--model.network", SMALL_NET)) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "7000" in line and "6000" in line
 
 
 def test_missing_data_dir(data_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(FashionMNIST, "system_dirs", ())  # no fallback to the Debian folder
     assert main(_fit_args(tmp_path, "--data.data_dir", str(tmp_path / "nonexistent"))) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "FashionMNIST not found" in line and str(tmp_path / "nonexistent") in line
 
 
 def test_evaluate_corrupt_set(tmp_path: Path, capsys) -> None:
     bad = _corrupt_set(tmp_path)
     assert main(["evaluate", "--distilled", str(bad)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert str(bad) in line and "not a valid ld3m synthetic set" in line
 
 
 def test_evaluate_missing_set(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "--distilled", str(tmp_path / "none.safetensors")]) == 2
-    assert "does not exist" in _error_line(capsys)
+    assert "does not exist" in error_line(capsys)
 
 
 def test_debug_env_shows_the_exception(tmp_path: Path, monkeypatch) -> None:

@@ -208,3 +208,87 @@ def test_evaluate_is_reproducible_with_one_seed(data_dir: Path, tmp_path: Path, 
         tables.append(capsys.readouterr().out)
     assert tables[0] == tables[1], "the same seed gave another table"
     assert tables[0] != tables[2], "the seed changes nothing: the test would not see a draw"
+
+
+# ------------------------------------------------------------------------------ loggers
+def test_images_and_tables_reach_tensorboard(data_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = tmp_path / "run"
+    assert main(_fit(root, "--evaluation.at_end", "true", "--evaluation.runs", "1",
+                     "--evaluation.epochs", "1", "--evaluation.archs", NET, steps=2)) == 0
+    events = EventAccumulator(str(root / "lightning_logs" / "version_0"),
+                              size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "synthetic/images" in tags["images"]
+    assert [e.step for e in events.Images("synthetic/images")] == [0, 2]  # the first, the final
+    assert "loss" in tags["scalars"] and f"eval/{NET}" in tags["scalars"]
+    (table,) = [t for t in tags["tensors"] if t.startswith("evaluation")]
+    text = events.Tensors(table)[0].tensor_proto.string_val[0].decode()
+    assert "| DM (IPC 1) |" in text and NET in text
+
+
+class _Recording:
+    """What a W&B-style logger (``log_image`` / ``log_table``) was sent."""
+
+    def __init__(self) -> None:
+        self.images, self.tables = [], []
+
+
+def test_images_and_tables_reach_a_wandb_style_logger(fmnist, tmp_path: Path) -> None:
+    import lightning as L
+    from ld3m.callbacks import ImageGrid, PeriodicEvaluation
+    from ld3m.modules import DM
+    from lightning.pytorch.loggers import Logger
+
+    record = _Recording()
+
+    class WandbLike(Logger):
+        name, version = "wandb-like", 0
+
+        def log_metrics(self, metrics, step=None):
+            pass
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_image(self, key, images, step=None):
+            record.images.append((key, tuple(images[0].shape), step))
+
+        def log_table(self, key, columns, data, step=None):
+            record.tables.append((key, columns, data, step))
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=WandbLike(),
+                        enable_progress_bar=False, enable_checkpointing=False,
+                        default_root_dir=str(tmp_path),
+                        callbacks=[ImageGrid(every_n_steps=0),
+                                   PeriodicEvaluation(runs=1, epochs=1, archs=NET)])
+    trainer.fit(DM(ipc=1, network=NET, dsa="none"), datamodule=fmnist)
+    assert [(key, step) for key, _, step in record.images] == [("synthetic/images", 0),
+                                                               ("synthetic/images", 2)]
+    assert record.images[0][1][0] == 3  # a (C, H, W) grid
+    (table,) = record.tables
+    assert table[0] == "evaluation" and table[1] == ["set", "arch", "accuracy", "std"]
+    assert [row[0] for row in table[2]] == ["random real (IPC 1)", "DM (IPC 1)"]
+
+
+# ------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
+def test_two_process_ddp_runs_keep_their_outputs(data_dir: Path, tmp_path: Path) -> None:
+    """Under 2-process DDP (gloo): the output folder is decided once for both ranks, the
+    second run into the folder keeps the first's set, each run has its last.ckpt."""
+    root = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "LD3M_DEBUG"}
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    for seed in ("0", "1"):
+        result = subprocess.run([sys.executable, "-m", "ld3m.cli",
+                                 *_fit(root, *ddp, "--model.seed", seed, steps=2)],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    first = SyntheticSet.load(root / "synthetic.safetensors")
+    second = SyntheticSet.load(root / "lightning_logs" / "version_1" / "synthetic.safetensors")
+    assert (first.meta["hparams"]["seed"], second.meta["hparams"]["seed"]) == (0, 1)
+    for version in (0, 1):
+        last = root / "lightning_logs" / f"version_{version}" / "checkpoints" / "last.ckpt"
+        assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2

@@ -10,6 +10,7 @@ import ld3m.modules
 import pytest
 import torch
 import yaml
+from helpers import error_line
 from ld3m.datamodules import RealDataModule
 
 from ld3m.cli import main, method_names
@@ -29,15 +30,6 @@ def _python_defaults(cls: type) -> dict:
     return {name: list(p.default) if isinstance(p.default, tuple) else p.default
             for name, p in inspect.signature(cls.__init__).parameters.items()
             if p.default is not inspect.Parameter.empty}
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert err.rstrip().splitlines()[-1] == lines[0], "the error line must be the last one"
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------ defaults
@@ -88,7 +80,7 @@ def test_top_help_lists_exactly_the_working_subcommands(capsys) -> None:
         assert f"ld3m {name}" in capsys.readouterr().out or name == "fit"
     for gone in ("validate", "test", "predict"):
         assert main([gone]) == 2
-        assert "choose one of: fit, evaluate, buffer, prior" in _error_line(capsys)
+        assert "choose one of: fit, evaluate, buffer, prior" in error_line(capsys)
 
 
 def test_fit_help_for_one_method_shows_its_flags(capsys) -> None:
@@ -161,6 +153,23 @@ def test_bad_input_is_one_error_line(case: str, data_dir: Path, tmp_path: Path, 
     monkeypatch.setattr(RealDataModule, "setup", no_data)
     args = [a.format(**values) for a in args]
     assert main(_fit(tmp_path / "run", *args)) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert expected in line, line
     assert "Union subtypes" not in line
+
+
+@pytest.mark.slow
+def test_start_up_is_quiet(data_dir: Path, tmp_path: Path) -> None:
+    """No third-party tips, deprecation notes or warnings (file paths) on a plain run."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LD3M_DEBUG"}
+    result = subprocess.run([sys.executable, "-m", "ld3m.cli", *_fit(tmp_path / "run")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    noisy = [line for line in result.stderr.splitlines()
+             if "💡" in line or "Warning" in line or "deprecat" in line.lower()
+             or "site-packages" in line or "Tip:" in line]
+    assert noisy == [], result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import lightning as L
@@ -128,8 +130,13 @@ def test_cli_buffer(tiny: MNIST, tmp_path: Path, capsys) -> None:
     args = ["buffer", "--data", "MNIST", "--data.data_dir", str(tiny.data_dir), "--folder", str(folder),
             "--experts", "1", "--epochs", "1", "--network", "ConvNetD1", "--batch_size", "8",
             "--accelerator", "cpu", "--progress_bar", "false"]
-    assert main(args) == 0
+    previous = os.umask(0o022)  # shards shared with colleagues: readable, as the umask says
+    try:
+        assert main(args) == 0
+    finally:
+        os.umask(previous)
     assert TrajectoryBuffer(folder).epochs == 1
+    assert stat.S_IMODE((folder / shard_name(0)).stat().st_mode) == 0o644
     assert main(["buffer", "--data", "Imagenet"]) == 2
     assert "unknown --data 'Imagenet'" in capsys.readouterr().err
 

@@ -256,6 +256,22 @@ def test_fit_mtt_objective(gen_dir: Path, data: TinyData, tmp_path: Path):
         cpu_trainer(tmp_path, max_steps=1).fit(too_short, datamodule=data)
 
 
+def test_mtt_objective_trains_the_buffers_network(gen_dir: Path, data: TinyData, tmp_path: Path):
+    """``mtt`` trains the experts' network: another ``network`` is refused, not ignored, and
+    leaving it out takes the buffer's."""
+    from test_mtt import write_buffer
+
+    buffer = write_buffer(tmp_path / "buffer", shape=(1, 16, 16), epochs=3)  # ConvNetW32 experts
+    mtt = dict(objective="mtt", buffer=str(buffer), syn_steps=1, expert_epochs=1,
+               max_start_epoch=2, dsa="none", mtt_gradient="recompute")
+    with pytest.raises(ValueError, match="holds ConvNetW32 experts, not ConvNet"):
+        cpu_trainer(tmp_path, max_steps=1).fit(_model(gen_dir, **mtt, network="ConvNet"),
+                                               datamodule=data)
+    model = _model(gen_dir, **mtt, network=None)
+    cpu_trainer(tmp_path, max_steps=1).fit(model, datamodule=data)
+    assert model.global_step == 1
+
+
 
 @pytest.mark.parametrize("objective", ["dm", "mtt"])
 def test_one_full_graph_render_trains_like_the_chunked_backward(gen_dir: Path,
