@@ -113,8 +113,9 @@ class ResumeCheckpoint(Checkpoint):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # a Ctrl-C during step k: saved at its end (where Lightning's own checkpoints are), the
-        # stop comes here, once step k's metrics are logged too
-        if self._interrupted:
+        # stop comes here, once step k's metrics are logged too (a Ctrl-C that lands between two
+        # steps lets one more step run, so that it is saved at a step's end as well)
+        if self._interrupted and self._saved_step == trainer.global_step:
             self._restore_handler()
             raise KeyboardInterrupt(f"stopped by Ctrl-C at step {trainer.global_step}")
 

@@ -21,11 +21,13 @@ log = logging.getLogger("ld3m")
 class PeriodicEvaluation(L.Callback):
     """Train fresh networks on the current synthetic set and report real test accuracy.
 
-    Runs on rank 0 (the other ranks wait). The report (with the random-real baseline) is logged,
-    written to ``evaluation.md`` and ``evaluation.json`` in the run's output folder, each mean
-    accuracy goes to the trainer's loggers as ``eval/<arch>`` and the table to those that show
-    tables (TensorBoard, W&B). With ``every_n_steps`` the accuracies at every evaluated step are
-    kept (in checkpoints too) and plotted against the steps in ``evaluation.png``.
+    Under DDP the networks are spread over the ranks (each on its own device) and their
+    accuracies gathered, so every rank logs the same report. The report (with the random-real
+    baseline) is written to ``evaluation.md`` and ``evaluation.json`` in the run's output
+    folder, each mean accuracy goes to the trainer's loggers as ``eval/<arch>`` and the table
+    to those that show tables (TensorBoard, W&B). With ``every_n_steps`` the accuracies at
+    every evaluated step are kept (in checkpoints too) and plotted against the steps in
+    ``evaluation.png``.
 
     Args:
         every_n_steps: Evaluate every N steps (0: never during training).
@@ -59,34 +61,35 @@ class PeriodicEvaluation(L.Callback):
         #: ``[{"step", "arch", "mean", "std"}]`` of every evaluation of the synthetic set so far
         self.history: list[dict[str, Any]] = []
 
-    def run(self, trainer: L.Trainer, pl_module, baseline: bool) -> EvalReport | None:
-        report = None
+    def run(self, trainer: L.Trainer, pl_module, baseline: bool) -> EvalReport:
+        """Evaluate now. Under DDP every rank trains its share of the networks on its own device
+        and every rank gets (and logs) the whole report; rank 0 writes and plots it."""
+        report = evaluate(pl_module.synthetic_set(), trainer.datamodule, archs=self.archs,
+                          runs=self.runs, epochs=self.epochs, dsa=self.dsa, baseline=baseline,
+                          seed=self.seed, precision=self.precision, progress=False,
+                          device=pl_module.device, rank=trainer.global_rank,
+                          world_size=trainer.world_size)
+        self.last_report = report
+        step = trainer.global_step
+        name = f"{pl_module.method_name} (IPC {pl_module.ipc})"
+        self.history = [h for h in self.history if h["step"] != step]
+        for arch in self.archs:
+            result = report.get(name, arch)
+            self.history.append({"step": step, "arch": arch, "mean": result.mean,
+                                 "std": result.std})
+        log.info("evaluation at step %d (%d runs, %d epochs):\n%s", step, self.runs, self.epochs,
+                 report.table())
         if trainer.is_global_zero:
-            report = evaluate(pl_module.synthetic_set(), trainer.datamodule, archs=self.archs,
-                              runs=self.runs, epochs=self.epochs, dsa=self.dsa, baseline=baseline,
-                              seed=self.seed,
-                              accelerator=trainer.accelerator.__class__.__name__.replace(
-                                  "Accelerator", "").lower() or "auto",
-                              precision=self.precision, progress=False)
-            self.last_report = report
-            step = trainer.global_step
-            name = f"{pl_module.method_name} (IPC {pl_module.ipc})"
-            self.history = [h for h in self.history if h["step"] != step]
             for arch in self.archs:
                 result = report.get(name, arch)
-                self.history.append({"step": step, "arch": arch, "mean": result.mean,
-                                     "std": result.std})
                 for logger in trainer.loggers:
                     logger.log_metrics({f"eval/{arch}": result.mean,
                                         f"eval/{arch}_std": result.std}, step)
             rows = [[r.name, r.arch, 100 * r.mean, 100 * r.std] for r in report.results]
             log_table(trainer, "evaluation", ["set", "arch", "accuracy", "std"], rows,
                       report.table(), step)
-            log.info("evaluation at step %d (%d runs, %d epochs):\n%s", step,
-                     self.runs, self.epochs, report.table())
             if self.every_n_steps:
                 self._plot(output_dir_of(trainer, pl_module) / "evaluation.png", name)
-        trainer.strategy.barrier("ld3m-evaluation")
         return report
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -97,8 +100,7 @@ class PeriodicEvaluation(L.Callback):
         if not self.at_end:
             return
         report = self.run(trainer, pl_module, baseline=self.baseline)
-        if report is not None:
-            self._write(output_dir_of(trainer, pl_module), report)
+        self._write(output_dir_of(trainer, pl_module), report)
 
     @staticmethod
     @rank_zero_only

@@ -73,7 +73,9 @@ class Classifier(L.LightningModule):
         reset_parameters(self.net, torch.Generator().manual_seed(seed))
         self.dsa = DSA(dsa) if dsa not in ("", "none") else None
         self._generator = torch.Generator().manual_seed(seed + 1)
-        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        # no sync: under DDP each rank trains its own networks, and a metric syncing on the
+        # world group would pair with the other ranks' collectives (a hang)
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro", sync_on_compute=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -249,10 +251,33 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def trainer_device(accelerator: str = "auto",
+                   device: str | torch.device | None = None) -> tuple[str, int | list[int]]:
+    """``(accelerator, devices)`` of an evaluation ``Trainer``: ``device`` (e.g. this DDP rank's
+    ``cuda:3``) wins over ``accelerator``; never a bare ``devices=1`` on a GPU rank other than 0
+    (Lightning reads that as ``cuda:0``)."""
+    if device is None:
+        return accelerator, 1
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "gpu", [device.index if device.index is not None else torch.cuda.current_device()]
+    return device.type, 1
+
+
+def _evaluation_trainer(max_epochs: int, accelerator: str, device: str | torch.device | None,
+                        precision: str | None) -> L.Trainer:
+    """A quiet single-device ``Trainer`` for one evaluation network."""
+    accelerator, devices = trainer_device(accelerator, device)
+    return L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices,
+                     precision=precision, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0)
+
+
 def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "ConvNet",
                    epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
                    batch_size: int = 256, seed: int = 0, accelerator: str = "auto",
-                   precision: str | None = None) -> float:
+                   precision: str | None = None, device: str | torch.device | None = None) -> float:
     """Train one fresh ``arch`` on ``synthetic`` and return its real test accuracy (0-1)."""
     check_zca(synthetic, real)
     if lr is None:
@@ -261,17 +286,15 @@ def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "C
     model = Classifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs, dsa=dsa, seed=seed)
     data = DistilledDataModule(synthetic, batch_size=batch_size, real=real, seed=seed + 2)
     with _quiet_lightning(), _seeded(seed + 3):
-        trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1,
-                            precision=precision, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0)
+        trainer = _evaluation_trainer(epochs, accelerator, device, precision)
         trainer.fit(model, datamodule=data)
         (metrics,) = trainer.test(model, datamodule=data, verbose=False)
     return float(metrics["test_acc"])
 
 
 def train_and_test_dd(synthetic: SyntheticSet, real: RealDataModule, seed: int = 0, run: int = 0,
-                      accelerator: str = "auto", precision: str | None = None) -> float:
+                      accelerator: str = "auto", precision: str | None = None,
+                      device: str | torch.device | None = None) -> float:
     """Train the set's network with DD's protocol (run ``run``) and return its test accuracy (0-1)."""
     dd = dd_settings(synthetic)
     initial = None
@@ -287,20 +310,33 @@ def train_and_test_dd(synthetic: SyntheticSet, real: RealDataModule, seed: int =
                                lrs=synthetic.lr.reshape(-1).tolist(), initial=initial, seed=seed)
     batches = step_batches(synthetic.images.detach().float().cpu(), synthetic.num_classes, dd["steps"])
     with _quiet_lightning(), _seeded(seed + 3):
-        trainer = L.Trainer(max_epochs=dd["epochs"], accelerator=accelerator, devices=1,
-                            precision=precision, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0)
+        trainer = _evaluation_trainer(dd["epochs"], accelerator, device, precision)
         trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
         (metrics,) = trainer.test(model, dataloaders=real.test_dataloader(), verbose=False)
     return float(metrics["test_acc"])
+
+
+def _all_gather_accuracies(local: dict[int, float], world_size: int) -> dict[int, float]:
+    """Every rank's ``{network index: accuracy}``, merged (one ``all_gather_object``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"evaluate(world_size={world_size}) needs an initialised process group "
+                         "(call it from every rank of a DDP run)")
+    gathered: list[dict[int, float] | None] = [None] * world_size
+    dist.all_gather_object(gathered, local)
+    merged: dict[int, float] = {}
+    for part in gathered:
+        merged.update(part or {})
+    return merged
 
 
 def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[str] | tuple[str, ...] = ("ConvNet",),
              runs: int = 5, epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
              baseline: bool = True, ipc: int | None = None, seed: int = 0,
              accelerator: str = "auto", precision: str | None = None,
-             protocol: str = "auto", progress: bool = True) -> EvalReport:
+             protocol: str = "auto", progress: bool = True, device: str | torch.device | None = None,
+             rank: int = 0, world_size: int = 1) -> EvalReport:
     """Evaluate a synthetic set (and the random-real baseline) over ``runs`` fresh networks per arch.
 
     Args:
@@ -320,7 +356,16 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
             ``dsa`` are then the set's own) or ``auto`` (``dd`` for sets that carry DD settings).
         progress: Show a progress bar (one tick per trained network, with its accuracy) on
             stderr; every network is also logged on the ``ld3m.evaluation`` logger.
+        device: Train on this device (e.g. a DDP rank's ``cuda:3``; default: ``accelerator``'s).
+        rank: This process's index among ``world_size`` processes sharing the work.
+        world_size: With more than one, the networks are spread over the processes (network
+            ``j`` of the list ordered by architecture, set and run trains on rank
+            ``j % world_size``) and their accuracies all-gathered: every process must call
+            :func:`evaluate` with the same arguments, and every one returns the whole report.
+            The same seeds give the same report whatever ``world_size``.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "auto":
@@ -345,34 +390,41 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
     ipc = ipc or (synthetic.ipc if synthetic is not None else 0)
     if baseline and ipc < 1:
         raise ValueError("the random-real baseline needs ipc >= 1")
-    results = []
     sets = []
     if baseline:
         sets.append((f"random real (IPC {ipc})", None))
     if synthetic is not None:
         sets.append((f"{synthetic.method} (IPC {synthetic.ipc})", synthetic))
-    bar = tqdm(total=len(archs) * len(sets) * runs, desc="evaluation", unit="network",
-               disable=not progress, leave=False)
-    for arch in archs:
-        for name, syn in sets:
-            result = EvalResult(name, arch)
-            for run in range(runs):
-                data = syn if syn is not None else random_real_set(real, ipc, seed=seed + 7919 * run)
-                if protocol == "dd":  # the baseline gets the set's learned steps and initial weights
-                    data = data if syn is not None else replace(
-                        data, lr=synthetic.lr, extra=synthetic.extra, meta=synthetic.meta)
-                    acc = train_and_test_dd(data, real, seed=seed + run, run=run,
-                                            accelerator=accelerator, precision=precision)
-                else:
-                    acc = train_and_test(data, real, arch, epochs=epochs,
-                                         lr=lr if syn is not None else 0.01, dsa=dsa, seed=seed + run,
-                                         accelerator=accelerator, precision=precision)
-                result.accuracies.append(acc)
-                log.info("%s on %s, run %d/%d: %.2f%%", arch, name, run + 1, runs, 100 * acc)
-                bar.set_postfix_str(f"{arch} on {name}: {100 * acc:.2f}%")
-                bar.update()
-            results.append(result)
+    jobs = [(arch, name, syn, run) for arch in archs for name, syn in sets for run in range(runs)]
+    mine = [j for j in range(len(jobs)) if j % world_size == rank]
+    where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    bar = tqdm(total=len(mine), desc=f"evaluation{where}", unit="network", disable=not progress,
+               leave=False)
+    accuracies: dict[int, float] = {}
+    for j in mine:
+        arch, name, syn, run = jobs[j]
+        data = syn if syn is not None else random_real_set(real, ipc, seed=seed + 7919 * run)
+        if protocol == "dd":  # the baseline gets the set's learned steps and initial weights
+            data = data if syn is not None else replace(
+                data, lr=synthetic.lr, extra=synthetic.extra, meta=synthetic.meta)
+            acc = train_and_test_dd(data, real, seed=seed + run, run=run, accelerator=accelerator,
+                                    precision=precision, device=device)
+        else:
+            acc = train_and_test(data, real, arch, epochs=epochs,
+                                 lr=lr if syn is not None else 0.01, dsa=dsa, seed=seed + run,
+                                 accelerator=accelerator, precision=precision, device=device)
+        accuracies[j] = acc
+        log.info("%s on %s, run %d/%d%s: %.2f%%", arch, name, run + 1, runs, where, 100 * acc)
+        bar.set_postfix_str(f"{arch} on {name}: {100 * acc:.2f}%")
+        bar.update()
     bar.close()
+    if world_size > 1:
+        accuracies = _all_gather_accuracies(accuracies, world_size)
+    results = []
+    for arch in archs:
+        for name, _ in sets:
+            results.append(EvalResult(name, arch, [accuracies[j] for j, job in enumerate(jobs)
+                                                   if job[0] == arch and job[1] == name]))
     settings = {"archs": list(archs), "runs": runs, "epochs": epochs, "dsa": dsa, "ipc": ipc,
                 "dataset": real.dataset_name, "precision": precision, "protocol": protocol}
     if protocol == "dd":

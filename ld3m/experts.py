@@ -207,7 +207,10 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
         checkpoint.unlink(missing_ok=True)
         log.info("expert %d/%d written to %s", index + 1, experts, path)
     if partial.is_dir() and not any(partial.iterdir()):
-        partial.rmdir()
+        try:  # another rank may be writing its expert's checkpoint there right now
+            partial.rmdir()
+        except OSError:
+            pass
     return TrajectoryBuffer(folder) if world_size == 1 else None
 
 

@@ -49,6 +49,11 @@ class DistillationModule(L.LightningModule):
     """
 
     method_name: str = "base"
+    #: Whether the method trains under fp16 mixed precision (``16-mixed``): true where every
+    #: gradient goes through Lightning's loss scaling. Methods with hand-written gradients or
+    #: inner optimisations (DC's inner training, DD's and MTT's unrolls, LD3M's chunked backward)
+    #: refuse it and name ``bf16-mixed``, which needs no scaling.
+    supports_fp16: bool = False
 
     def __init__(self, ipc: int = 10, init: str = "real", lr_img: float = 1.0, momentum: float = 0.5,
                  seed: int = 0, num_classes: int | None = None,
@@ -100,7 +105,21 @@ class DistillationModule(L.LightningModule):
                              "(e.g. ld3m.datamodules.FashionMNIST) passed to the trainer")
         return dm
 
+    @classmethod
+    def check_precision(cls, precision: str) -> None:
+        """Refuse a precision the method cannot train in (fp16 where it is not supported).
+
+        Raises:
+            ValueError: naming ``bf16-mixed`` as the mixed precision to use instead.
+        """
+        if str(precision).startswith("16") and not cls.supports_fp16:
+            raise ValueError(f"{cls.method_name} does not train in --trainer.precision "
+                             f"{precision}: its hand-written gradients bypass fp16 loss scaling; "
+                             "use --trainer.precision bf16-mixed (or 32-true)")
+
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            self.check_precision(str(self.trainer.precision))
         if stage != "fit" or self._initialised:
             return
         dm = self.real_data
@@ -116,6 +135,17 @@ class DistillationModule(L.LightningModule):
                              f"{tuple(dm.image_shape)}")
         self.initialise(dm)
         self._initialised = True
+        self.keep_buffers_out_of_ddp()
+
+    def keep_buffers_out_of_ddp(self) -> None:
+        """Tell DDP not to broadcast this module's buffers (``labels``, LD3M's noise and render
+        cache, DQ's selection) at every forward: they are equal on every rank by construction
+        (drawn from the shared seed, or broadcast once by the method). Call it after the buffers
+        exist (``setup`` does)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        names = [name for name, _ in self.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
 
     def initialise(self, dm) -> None:
         """Fill the synthetic images (identically on every rank: the draw uses ``seed``)."""

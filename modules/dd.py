@@ -15,7 +15,8 @@ the images and the learning rates (Adam, lr 0.01, betas (0.5, 0.999), halved eve
 - ``random_pretrained``: one of ``pretrained_nets`` networks briefly trained on real data;
 - ``fixed_pretrained``: always the first of them.
 
-The pretrained networks are trained once, at the start of ``fit``, by rank 0, and saved to
+The pretrained networks are trained once, at the start of ``fit``, by rank 0 (which broadcasts
+them to the other ranks: no shared folder needed), and saved to
 ``pretrained_path`` (default ``<default_root_dir>/dd_pretrained.pt``); a later run with the same
 settings reuses the file. The exported set carries the learned learning rates and, for the
 fixed and pretrained modes, the initial weights, so ``ld3m evaluate`` replays DD's protocol
@@ -215,17 +216,32 @@ class DD(DistillationModule):
             net = reset_parameters(self.build_network(self.network), self.shared_generator(0, _SALT_THETA))
             self._scratch["initial"] = [{n: p.detach().clone() for n, p in net.named_parameters()}]
             return
+        # rank 0 reads or trains (and saves) the pool and broadcasts it: the other ranks need no
+        # shared folder; an error on rank 0 is broadcast too, so no rank waits forever
+        outcome: tuple[str, Any] = ("pool", None)
+        if self.trainer.is_global_zero:
+            try:
+                outcome = ("pool", self._rank_zero_pool())
+            except (ValueError, OSError) as err:
+                outcome = ("error", str(err))
+        kind, value = self.trainer.strategy.broadcast(outcome, src=0)
+        if kind == "error":
+            raise ValueError(value)
+        self._scratch["initial"] = value[:1] if self.init_mode == "fixed_pretrained" else value
+
+    def _rank_zero_pool(self) -> list[dict[str, torch.Tensor]]:
+        """The pool from ``pretrained_path`` if it is there, else trained now and saved there."""
         path = self._pool_path()
-        if self.trainer.is_global_zero and not path.exists():
+        if path.exists():
+            pool = self._load_pool(path)
+        else:
             pool = self.pretrain_pool()
             with atomic_write(path) as tmp:
                 torch.save({"settings": self._pool_settings(), "networks": pool}, tmp)
             log.info("DD: pre-trained pool written to %s", path)
-        self.trainer.strategy.barrier("ld3m-dd-pool")
-        pool = self._load_pool(path)
         if len(pool) != self.pretrained_nets:
             raise ValueError(f"{path} holds {len(pool)} networks, expected {self.pretrained_nets}")
-        self._scratch["initial"] = pool[:1] if self.init_mode == "fixed_pretrained" else pool
+        return pool
 
     def initial_parameters(self, step: int) -> dict[str, torch.Tensor]:
         """``theta_0`` of ``step`` (the same on every rank), on the module's device."""

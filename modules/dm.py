@@ -41,6 +41,7 @@ class DM(DistillationModule):
     """
 
     method_name = "DM"
+    supports_fp16 = True  # automatic optimisation: Lightning scales the loss
 
     def __init__(self, ipc: int = 10, init: str = "real", network: str = "ConvNet",
                  lr_img: float = 1.0, momentum: float = 0.5, dsa: str = DEFAULT_DSA, seed: int = 0,

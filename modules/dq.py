@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ld3m.coreset import DEFAULT_MATRIX_BYTES, quantize
-from ld3m.evaluation import Classifier, _quiet_lightning
+from ld3m.evaluation import Classifier, _quiet_lightning, trainer_device
 from ld3m.files import atomic_write
 from ld3m.networks import conv_backend
 
@@ -177,6 +177,7 @@ class DQ(DistillationModule):
     """
 
     method_name = "DQ"
+    supports_fp16 = True  # no gradient step at all
 
     def __init__(self, ipc: int = 10, bins: int = 10, lam: float = 1.0,
                  network: str = "ConvNet", features: str = "embedding",
@@ -269,11 +270,8 @@ class DQ(DistillationModule):
         return self.trainer.strategy.broadcast(obj, src=0)
 
     def _device_kwargs(self) -> dict[str, Any]:
-        if self.device.type == "cuda":
-            return {"accelerator": "gpu", "devices": [self.device.index or 0]}
-        if self.device.type == "mps":
-            return {"accelerator": "mps", "devices": 1}
-        return {"accelerator": "cpu", "devices": 1}
+        accelerator, devices = trainer_device(device=self.device)
+        return {"accelerator": accelerator, "devices": devices}
 
     # ------------------------------------------------------------------------------ network
     def train_embedding_network(self, dm) -> dict[str, torch.Tensor]:
@@ -359,7 +357,7 @@ class DQ(DistillationModule):
 
     def embed_training_set(self, dm, net: nn.Module):
         """Features of every training image. Under DDP each rank embeds a contiguous slice and
-        the slices are all-gathered."""
+        the slices are gathered on rank 0, which alone gets them (the others get ``None``)."""
         split = dm.train_split
         n = len(split)
         rank, world = self._rank_world()
@@ -370,12 +368,16 @@ class DQ(DistillationModule):
         parts = [self.embed(net, split.images(chunk, dm).to(self.device),
                             split.labels[chunk].to(self.device)) for chunk in chunks]
         local = torch.cat(parts) if parts else None
-        if world > 1:
+        if world > 1:  # only rank 0 bins: the slices go to it alone (the others get None)
             width = self._broadcast(local.shape[1] if local is not None else None)
             padded = torch.zeros(per_rank, width, device=self.device)
             if local is not None:
                 padded[:len(local)] = local
-            local = self.all_gather(padded).flatten(0, 1)[:n]
+            slices = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+            torch.distributed.gather(padded, slices, dst=0)
+            if rank != 0:
+                return None
+            local = torch.cat(slices)[:n]
         if self.features == "gradient":
             k = self.num_classes
             return local[:, :k], local[:, k:]

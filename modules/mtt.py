@@ -281,13 +281,17 @@ class MTT(DistillationModule):
             return ((theta - target) ** 2).sum() / ((start - target) ** 2).sum()
 
     def resolved_gradient(self) -> str:
-        """``unroll`` or ``recompute`` (``auto`` decided once, from a memory estimate)."""
+        """``unroll`` or ``recompute`` (``auto`` decided once, from a memory estimate: rank 0's
+        under DDP, so every rank runs the same backward). Collective on its first call under DDP:
+        :meth:`on_train_start` makes it there, on every rank."""
         if self.gradient != "auto":
             return self.gradient
         if "gradient" not in self._scratch:
             need = self.estimate_unroll_bytes()
             free = _free_memory(self.device)
             choice = "unroll" if need < AUTO_MEMORY_FRACTION * free else "recompute"
+            if self._trainer is not None and self.trainer.world_size > 1:
+                choice = self.trainer.strategy.broadcast(choice, src=0)  # rank 0's, for all
             log.info("MTT: the unrolled graph needs about %.2f GB of %.2f GB free: using %s",
                      need / 1e9, free / 1e9, choice)
             self._scratch["gradient"] = choice
@@ -324,6 +328,9 @@ class MTT(DistillationModule):
         start = int(torch.randint(low, high, (1,), generator=generator))
         rows = self.buffer.rows(index, [start, start + self.expert_epochs]).to(self.device)
         return rows[0], rows[1]
+
+    def on_train_start(self) -> None:
+        self.resolved_gradient()  # decided here, on every rank (a broadcast under DDP)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         generator = self.step_generator()

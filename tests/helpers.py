@@ -48,18 +48,28 @@ def write_fashion_mnist_slice(source, root: Path, train: int, test: int) -> Path
 
 
 class SigintAt(L.Callback):
-    """Send this process a SIGINT (a Ctrl-C) at the end of step ``step``: the interruption lands
-    at a known step, so a test can compare the resumed run with an uninterrupted one."""
+    """Send this process a SIGINT (a Ctrl-C) when ``global_step`` is ``step``, at the end of that
+    step (``when="end"``) or between it and the next (``"start"`` of the next batch): the
+    interruption lands at a known place, so a test can compare the resumed run with an
+    uninterrupted one."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, when: str = "end") -> None:
+        self.step, self.when = step, when
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def _send(self, trainer) -> None:
         if trainer.global_step == self.step:
             import os
             import signal
 
             os.kill(os.getpid(), signal.SIGINT)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.when == "end":
+            self._send(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.when == "start":
+            self._send(trainer)
 
 
 class Pace(L.Callback):

@@ -54,17 +54,21 @@ def restore_sigint():
 
 
 # ------------------------------------------------------------------------------ Ctrl-C, resume
+@pytest.mark.parametrize("when, stops_at", [("end", 3), ("start", 4)])
 def test_ctrl_c_then_resume_continues_like_an_uninterrupted_run(data_dir: Path, tmp_path: Path,
-                                                                restore_sigint) -> None:
+                                                                restore_sigint, when: str,
+                                                                stops_at: int) -> None:
+    """Ctrl-C during step 3, or between steps 3 and 4 (then step 4 runs first): one checkpoint
+    at a step's end; resumed, the run takes exactly the uninterrupted run's steps."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert main(_fit(straight)) == 0
-    with pytest.raises(SystemExit) as info:  # Ctrl-C at step 3: Lightning's shutdown exits 1
+    with pytest.raises(SystemExit) as info:  # Lightning's Ctrl-C shutdown exits 1
         main(_fit(stopped, "--trainer.callbacks+=helpers.SigintAt",
-                  "--trainer.callbacks.step", "3"))
+                  "--trainer.callbacks.step", "3", "--trainer.callbacks.when", when))
     assert info.value.code == 1
     (last,) = stopped.rglob("last.ckpt")
     assert last == stopped / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == stops_at
     assert (stopped / "synthetic.interrupted.safetensors").is_file()
     assert not (stopped / "synthetic.safetensors").exists(), "an unfinished set under the final name"
 

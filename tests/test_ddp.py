@@ -9,8 +9,8 @@ own ``Trainer``, in its own folder); a test per case then checks what the ranks 
 Each rank draws its own real batches (and, for DM, its own embedding networks; for MTT/DATM its
 own expert and start epoch); only the all-reduced gradients keep the ranks' state identical.
 DC/DSA also keep a network across steps (trained on the synthetic images between updates), DD
-learns per-step learning rates and, in ``random_pretrained`` mode, trains its pool on rank 0
-behind a barrier; LD3M back-propagates through its generator outside DDP's reducer and
+learns per-step learning rates and, in ``random_pretrained`` mode, trains (or reads) its pool on
+rank 0 and broadcasts it (rank 1 never reads the file); LD3M back-propagates through its generator outside DDP's reducer and
 all-reduces itself; DQ trains its embedding network on rank 0, embeds half of the training set
 per rank and broadcasts one selection.
 """
@@ -42,6 +42,15 @@ SCRIPT = textwrap.dedent(
     from ld3m.datamodules import FashionMNIST  # noqa: E402
 
 
+    def rank0_reads_pools(self, path):  # DD: only rank 0 may need the pool's file
+        if self.trainer.global_rank != 0:
+            raise AssertionError(f"rank {self.trainer.global_rank} read the DD pool file {path}")
+        return read_pool(self, path)
+
+
+    read_pool, modules.DD._load_pool = modules.DD._load_pool, rank0_reads_pools
+
+
     class Record(L.Callback):
         def __init__(self, out):
             self.out = out
@@ -49,6 +58,9 @@ SCRIPT = textwrap.dedent(
         def on_train_start(self, trainer, pl_module):
             state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             torch.save(state, f"{self.out}/init{trainer.global_rank}.pt")
+            ddp = trainer.strategy.model  # the buffers DDP would broadcast at every forward
+            with open(f"{self.out}/ddp{trainer.global_rank}.json", "w") as f:
+                json.dump({"broadcast_buffers": [n for n in ddp.named_module_buffers]}, f)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 0 and isinstance(batch, (list, tuple)):  # real batches
@@ -93,6 +105,10 @@ CASES = {
                        2, "bf16-mixed"),
     "DD-fp32": ("DD", {"ipc": 2, "network": "ConvNetW32", "init_mode": "random_pretrained",
                        "pretrained_nets": 2, "pretrain_steps": 2}, 4, "32-true"),
+    # the pool DD-fp32 saved, read by rank 0 alone and broadcast (rank 1 may have no such file)
+    "DD-pool-file": ("DD", {"ipc": 2, "network": "ConvNetW32", "init_mode": "random_pretrained",
+                            "pretrained_nets": 2, "pretrain_steps": 2,
+                            "pretrained_path": "{DD-fp32}/dd_pretrained.pt"}, 4, "32-true"),
     "DD-bf16-mixed": ("DD", {"ipc": 1, "network": "ConvNetD1"}, 2, "bf16-mixed"),
     # trajectory matching against stand-in buffers
     "MTT-fp32": ("MTT", {"ipc": 1, "syn_steps": 2, "max_start_epoch": 2, "gradient": "recompute"},
@@ -144,6 +160,9 @@ def ddp_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         out = root / name
         out.mkdir()
         kwargs = {"seed": 0, **kwargs}
+        if "pretrained_path" in kwargs:
+            kwargs["pretrained_path"] = kwargs["pretrained_path"].format(**{
+                k: str(v) for k, v in folders.items()})
         if method == "MTT":
             kwargs["buffer"] = str(mtt_buffer)
         elif method == "DATM":
@@ -182,6 +201,8 @@ def test_ddp_ranks_agree(ddp_runs, case: str) -> None:
         return torch.load(path)
 
     rank0, rank1 = load("rank0.pt"), load("rank1.pt")
+    for rank in (0, 1):  # equal on every rank by construction: no broadcast at every step
+        assert json.loads((out / f"ddp{rank}.json").read_text())["broadcast_buffers"] == []
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert rank0["global_step"] == rank1["global_step"] == (0 if method == "DQ" else 2)
     init0, init1 = load("init0.pt"), load("init1.pt")
@@ -198,7 +219,9 @@ def test_ddp_ranks_agree(ddp_runs, case: str) -> None:
     else:
         assert not torch.equal(load("batch0.pt"), load("batch1.pt")), "the ranks drew the same batch"
     if CASES[case][1].get("init_mode") == "random_pretrained":
-        assert (out / "dd_pretrained.pt").is_file(), "the pool was not saved"
+        pool = Path(CASES[case][1].get("pretrained_path", "{out}/dd_pretrained.pt").format(
+            out=out, **{k: v for k, v in folders.items()}))
+        assert pool.is_file(), "the pool was not saved"
     if method == "DQ":
         assert (out / "dq_embedding.pt").is_file(), "rank 0 did not save the embedding network"
 
