@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
 from ld3m.files import atomic_write
-from ld3m.outputs import output_dir_of
+from ld3m.outputs import check_before_writing, output_dir_of
 
 log = logging.getLogger("ld3m")
 
@@ -77,8 +77,11 @@ class ResumeCheckpoint(Checkpoint):
         return output_dir_of(trainer, pl_module) / "checkpoints"
 
     # ------------------------------------------------------------------------------ saving
-    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        """Write ``last.ckpt`` now (rank 0 writes; no collective, so any rank may call it)."""
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule, check: bool = True) -> Path:
+        """Write ``last.ckpt`` now (rank 0 writes; no collective, so any rank may call it);
+        ``check``: first make sure no step went non-finite (the last good checkpoint stays)."""
+        if check:
+            check_before_writing(pl_module)
         target = self.path(trainer, pl_module)
         if trainer.is_global_zero:
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
@@ -157,4 +160,7 @@ class ResumeCheckpoint(Checkpoint):
         stopped = isinstance(exception, SystemExit) and not isinstance(exception, KeyboardInterrupt)
         if (stopped and self.on_interrupt and self._folder is not None
                 and trainer.global_step != self._saved_step):
-            self.save(trainer, pl_module)
+            try:
+                self.save(trainer, pl_module)
+            except FloatingPointError as err:  # diverged before the stop: keep the last good one
+                log.warning("no checkpoint at the stop: %s", err)

@@ -13,7 +13,7 @@ from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.evaluation import EvalReport, evaluate
 from ld3m.files import atomic_write
 from ld3m.loggers import log_table
-from ld3m.outputs import output_dir_of
+from ld3m.outputs import check_before_writing, output_dir_of
 
 log = logging.getLogger("ld3m")
 
@@ -64,6 +64,7 @@ class PeriodicEvaluation(L.Callback):
     def run(self, trainer: L.Trainer, pl_module, baseline: bool) -> EvalReport:
         """Evaluate now. Under DDP every rank trains its share of the networks on its own device
         and every rank gets (and logs) the whole report; rank 0 writes and plots it."""
+        check_before_writing(pl_module)
         report = evaluate(pl_module.synthetic_set(), trainer.datamodule, archs=self.archs,
                           runs=self.runs, epochs=self.epochs, dsa=self.dsa, baseline=baseline,
                           seed=self.seed, precision=self.precision, progress=False,

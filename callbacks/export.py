@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ld3m.outputs import output_dir_of
+from ld3m.outputs import check_before_writing, output_dir_of
 
 log = logging.getLogger("ld3m")
 
@@ -50,6 +50,8 @@ class ExportSynthetic(L.Callback):
     @rank_zero_only
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule,
              filename: str | None = None) -> Path:
+        if filename is None:  # a finished or periodic set: never from non-finite values
+            check_before_writing(pl_module)
         self.last_path = pl_module.synthetic_set().save(self.path(trainer, pl_module, filename))
         log.info("synthetic set written to %s", self.last_path)
         return self.last_path

@@ -10,7 +10,7 @@ from torchvision.utils import save_image
 
 from ld3m.files import atomic_write
 from ld3m.loggers import log_image
-from ld3m.outputs import output_dir_of
+from ld3m.outputs import check_before_writing, output_dir_of
 
 
 class ImageGrid(L.Callback):
@@ -37,6 +37,7 @@ class ImageGrid(L.Callback):
 
     @rank_zero_only
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
+        check_before_writing(pl_module)
         target = self.folder(trainer, pl_module) / name
         grid = pl_module.image_grid()
         with atomic_write(target, suffix=".png") as tmp:

@@ -20,6 +20,7 @@ import gzip
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -103,6 +104,7 @@ class RealDataModule(L.LightningDataModule):
         self.zca = bool(zca)
         self.zca_eps = float(zca_eps)
         self._zca: tuple[torch.Tensor, torch.Tensor] | None = None  # (matrix, mean)
+        self._on_device: dict[tuple[str, str], torch.Tensor] = {}
         self._train: _Split | None = None
         self._test: _Split | None = None
 
@@ -128,19 +130,31 @@ class RealDataModule(L.LightningDataModule):
     def class_names(self) -> list[str]:
         return [str(c) for c in range(self.num_classes)]
 
+    def on_device(self, name: str, device: torch.device, make) -> torch.Tensor:
+        """``make()`` (a host tensor) copied to ``device`` once and kept: the statistics, the ZCA
+        matrix and the cached training images are not copied again at every batch."""
+        key = (name, str(device))
+        value = self._on_device.get(key)
+        if value is None:
+            value = self._on_device[key] = make().to(device, non_blocking=True)
+        return value
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.on_device("mean", device, lambda: torch.tensor(self.mean).view(-1, 1, 1))
+        std = self.on_device("std", device, lambda: torch.tensor(self.std).view(-1, 1, 1))
+        return mean, std
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (or [0, 1] float) images -> normalised float32."""
         x = images.float()
         if images.dtype == torch.uint8:
             x = x / 255.0
-        mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+        mean, std = self._stats(x.device)
         return (x - mean) / std
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images -> [0, 1] range (not clamped)."""
-        mean = torch.tensor(self.mean, device=images.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
+        mean, std = self._stats(images.device)
         return images * std + mean
 
     def _transform(self):
@@ -157,8 +171,10 @@ class RealDataModule(L.LightningDataModule):
         """Normalised images -> ZCA-whitened images (unchanged when ``zca`` is off)."""
         if not self.zca:
             return images
-        matrix, mean = self._zca_transform()
-        return linear_transform(images, matrix.to(images.device), mean.to(images.device))
+        device = images.device
+        matrix = self.on_device("zca_matrix", device, lambda: self._zca_transform()[0])
+        mean = self.on_device("zca_mean", device, lambda: self._zca_transform()[1])
+        return linear_transform(images, matrix, mean)
 
     def _zca_transform(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._zca is None:
@@ -234,6 +250,13 @@ class RealDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Endless class-balanced batches ``(images (K, n, C, H, W), labels (K, n))``.
 
+        In a ``Trainer``, for a cached dataset, the loader yields only each batch's indices
+        (:class:`ClassBalancedPicks`, drawn on the host: one permutation per class); the images
+        are gathered, converted and normalised (and whitened) on the training device from a
+        copy of the ``uint8`` cache kept there (:meth:`on_after_batch_transfer`), so a step
+        copies a few kilobytes of indices, not the batch. A streamed dataset (a large image
+        folder) yields whole batches, built by DataLoader workers into pinned memory.
+
         A method that reads no real batches (``uses_real_batches = False``: MTT and DATM, which
         read expert trajectories) gets the step indices instead, so no images are loaded.
         """
@@ -244,8 +267,26 @@ class RealDataModule(L.LightningDataModule):
             return DataLoader(StepIndices(start), batch_size=None)
         stream = ClassBalancedStream(self, self.batch_per_class, seed=self.seed + 7919 * rank,
                                      start=start)
+        if self.train_split.cached is not None and self.trainer is not None:  # the hook runs
+            return DataLoader(_PickStream(stream), batch_size=None)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Turn a batch's indices, now on the training device, into its images there."""
+        if isinstance(batch, ClassBalancedPicks):
+            return self.device_batch(batch)
+        return batch
+
+    def device_batch(self, picks: ClassBalancedPicks) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class-balanced batch of ``picks``, gathered from the cache on ``picks``' device:
+        ``(images (K, n, C, H, W), labels (K, n))``, equal to :meth:`ClassBalancedStream.batch`."""
+        device = picks.index.device
+        cache = self.on_device("train", device, lambda: self.train_split.cached)
+        images = self.whiten(self.normalize(cache[picks.index]))
+        labels = torch.arange(picks.classes, device=device).repeat_interleave(picks.n)
+        return images.view(picks.classes, picks.n, *images.shape[1:]), labels.view(picks.classes, picks.n)
 
     def shuffled_train_dataloader(self, batch_size: int | None = None, shuffle: bool = True) -> DataLoader:
         """Plain shuffled minibatches of the whole (normalised) training set."""
@@ -337,6 +378,34 @@ class StepIndices(IterableDataset):
             step += 1
 
 
+@dataclass
+class ClassBalancedPicks:
+    """The training-set indices of one class-balanced batch, class-major ``(K * n,)``: what the
+    loader of a cached dataset yields, turned into images on the device by the data module."""
+
+    index: torch.Tensor
+    classes: int
+    n: int
+
+    def to(self, device, *args, **kwargs) -> ClassBalancedPicks:
+        """On ``device`` (Lightning's batch transfer calls this), without blocking the host."""
+        return replace(self, index=self.index.to(device, non_blocking=True))
+
+
+class _PickStream(IterableDataset):
+    """The indices of a :class:`ClassBalancedStream`'s batches, step after step."""
+
+    def __init__(self, stream: ClassBalancedStream) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[ClassBalancedPicks]:
+        step = self.stream.start
+        k, n = len(self.stream.dm.train_split.class_index), self.stream.n
+        while True:
+            yield ClassBalancedPicks(self.stream.picks(step), k, n)
+            step += 1
+
+
 class ClassBalancedStream(IterableDataset):
     """Endless batches of ``n`` distinct random images of every class, indexed by step.
 
@@ -363,14 +432,17 @@ class ClassBalancedStream(IterableDataset):
             raise ValueError(f"batch_per_class={n} is larger than the smallest class of "
                              f"{dm.dataset_name} ({smallest} images)")
 
+    def picks(self, step: int) -> torch.Tensor:
+        """The training-set indices of batch ``step``, class-major ``(K * n,)``."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63))
+        return torch.cat([members[torch.randperm(len(members), generator=generator)[:self.n]]
+                          for members in self.dm.train_split.class_index])
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of step ``step``: ``(images (K, n, C, H, W), labels (K, n))``."""
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63))
         split = self.dm.train_split
         k = len(split.class_index)
-        picks = [members[torch.randperm(len(members), generator=generator)[:self.n]]
-                 for members in split.class_index]
-        images = split.images(torch.cat(picks), self.dm)
+        images = split.images(self.picks(step), self.dm)
         labels = torch.arange(k).repeat_interleave(self.n).view(k, self.n)
         return images.view(k, self.n, *images.shape[1:]), labels
 

@@ -59,11 +59,11 @@ class DSAParams:
     values: dict[str, torch.Tensor]
     n: int
 
-    def to(self, device: torch.device | str) -> DSAParams:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DSAParams:
         """Return a copy whose parameter tensors live on ``device``."""
         return DSAParams(
             families=tuple(self.families),
-            values={k: v.to(device) for k, v in self.values.items()},
+            values={k: v.to(device, non_blocking=non_blocking) for k, v in self.values.items()},
             n=self.n,
         )
 
@@ -203,7 +203,8 @@ class DSA:
             if family not in FAMILIES:
                 raise ValueError(f"Unknown DSA augmentation family {family!r} in DSAParams.")
             # Values stay where they are (the CPU, usually): the shared fast paths read them as
-            # Python numbers without a device sync; the vectorised paths move them to x.device.
+            # Python numbers without a device sync; the vectorised paths move them to x.device
+            # without blocking (a few numbers staged by the driver: no host-device sync).
             x = getattr(self, f"_{family}")(x, params.values[family])
         return x
 
@@ -233,7 +234,7 @@ class DSA:
     @staticmethod
     def _rows(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per-sample view ``(N, 1, 1, 1)`` of a one-column parameter (broadcasts when n = 1)."""
-        return value.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return value.to(device=x.device, dtype=x.dtype, non_blocking=True).reshape(-1, 1, 1, 1)
 
     def _color(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         x = x + (self._rows(u[:, 0], x) - 0.5) * self.brightness
@@ -253,7 +254,7 @@ class DSA:
             x,
             lambda t: translate(
                 t,
-                shift.to(t.device, t.dtype),
+                shift.to(t.device, t.dtype, non_blocking=True),
                 mode="nearest",
                 padding_mode="zeros",
                 align_corners=True,
@@ -262,7 +263,7 @@ class DSA:
 
     def _cutout(self, x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        centre = centre.to(x.device)
+        centre = centre.to(x.device, non_blocking=True)
         side_h = _round_half_up(self.cutout * height)
         side_w = _round_half_up(self.cutout * width)
         top = (centre[:, 1] - side_h // 2).view(-1, 1, 1)
@@ -276,10 +277,10 @@ class DSA:
         flip = flip.bool()
         if flip.shape[0] == 1:
             return hflip(x) if bool(flip[0]) else x
-        return torch.where(flip.to(x.device).view(-1, 1, 1, 1), hflip(x), x)
+        return torch.where(flip.to(x.device, non_blocking=True).view(-1, 1, 1, 1), hflip(x), x)
 
     def _scale(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        factors = factors.to(x.device).expand(x.shape[0], 2)
+        factors = factors.to(x.device, non_blocking=True).expand(x.shape[0], 2)
         return _geometric(
             x,
             lambda t: scale(
@@ -288,7 +289,7 @@ class DSA:
         )
 
     def _rotate(self, x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-        angle = angle.to(x.device).expand(x.shape[0])
+        angle = angle.to(x.device, non_blocking=True).expand(x.shape[0])
         return _geometric(
             x,
             lambda t: rotate(

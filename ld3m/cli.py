@@ -23,6 +23,7 @@ import inspect
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,7 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import ld3m.datamodules  # noqa: F401  (registers the data modules for --data NAME)
 import ld3m.modules  # noqa: F401  (registers the methods for --model NAME)
@@ -458,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return _run(argv)
+    except SIGTERMException:  # a scheduler's stop: last.ckpt is written, the run is not done
+        log.warning("stopped by SIGTERM; resume with --ckpt_path last")
+        return 128 + signal.SIGTERM
     except SystemExit as stop:  # --help, --print_config: 0; Lightning's Ctrl-C exit: 1
         if stop.code in (0, None):
             return 0

@@ -397,10 +397,10 @@ class LatentGenerator(nn.Module):
             return float(self.scheduler.final_alpha_cumprod)
         return float(self.scheduler.alphas_cumprod[t])
 
-    def _denoise_call(self, x: torch.Tensor, t: int, c: torch.Tensor) -> torch.Tensor:
+    def _denoise_call(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x, t, class_labels=c, return_dict=False)[0]
 
-    def _model_output(self, x: torch.Tensor, t: int, c: torch.Tensor, guidance: float,
+    def _model_output(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, guidance: float,
                       use_checkpoint: bool) -> torch.Tensor:
         if guidance != 1.0:
             null = self.null_embedding().to(c.dtype).expand_as(c)
@@ -456,10 +456,13 @@ class LatentGenerator(nn.Module):
         cfg = self.scheduler.config
         a_t = self._alpha(ts[0])
         x = math.sqrt(a_t) * z + math.sqrt(1.0 - a_t) * noise
+        # the timesteps go to the denoiser as device tensors, copied once without blocking (a
+        # Python int becomes a blocking copy inside diffusers at every call)
+        t_device = torch.tensor(ts, dtype=torch.long).to(z.device, non_blocking=True)
         for k, t in enumerate(ts):
             a_t = self._alpha(t)
             a_prev = self._alpha(ts[k + 1] if k + 1 < len(ts) else None)
-            out = self._model_output(x, t, c, guidance, use_checkpoint)
+            out = self._model_output(x, t_device[k], c, guidance, use_checkpoint)
             if cfg.prediction_type == "epsilon":
                 eps = out
                 x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)

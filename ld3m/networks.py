@@ -369,7 +369,7 @@ def _uniform_(tensor: torch.Tensor, bound: float, generator: torch.Generator | N
         tensor.uniform_(-bound, bound, generator=generator)
         return
     draw = torch.empty(tensor.shape, dtype=tensor.dtype, device=generator.device)
-    tensor.copy_(draw.uniform_(-bound, bound, generator=generator))
+    tensor.copy_(draw.uniform_(-bound, bound, generator=generator), non_blocking=True)
 
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

@@ -66,6 +66,14 @@ def output_dir_of(trainer, pl_module) -> Path:
     return choose() if callable(choose) else Path(trainer.default_root_dir)
 
 
+def check_before_writing(pl_module) -> None:
+    """Raise if the module's finite check saw a NaN/inf (on an accelerator the check is read
+    every few steps; here, before a file is written from possibly diverged values)."""
+    check = getattr(pl_module, "raise_if_not_finite", None)
+    if callable(check):
+        check()
+
+
 def same_folder(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name the same folder (resolved; either may not exist yet)."""
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

@@ -28,6 +28,10 @@ log = logging.getLogger("ld3m")
 
 INITS = ("real", "noise")
 
+#: On an accelerator the non-finite check reads its device flag every this many steps (and
+#: before any file is written), instead of at every step.
+FINITE_CHECK_EVERY = 50
+
 
 def check_network_name(name: str) -> None:
     """Raise a ``ValueError`` naming the choices if ``name`` is not an ``ld3m.networks`` network."""
@@ -49,6 +53,12 @@ class DistillationModule(L.LightningModule):
     """
 
     method_name: str = "base"
+    #: ``None``: the finite check of :meth:`check_finite` is immediate on the CPU and deferred
+    #: (device flags, read every ``FINITE_CHECK_EVERY`` steps) on accelerators; ``True`` /
+    #: ``False`` force one (tests run the accelerators' path on the CPU with ``True``).
+    deferred_finite_check: bool | None = None
+    #: The flag to name when the images diverge.
+    lr_flag: str = "--model.lr_img"
     #: Whether the method trains under fp16 mixed precision (``16-mixed``): true where every
     #: gradient goes through Lightning's loss scaling. Methods with hand-written gradients or
     #: inner optimisations (DC's inner training, DD's and MTT's unrolls, LD3M's chunked backward)
@@ -83,6 +93,8 @@ class DistillationModule(L.LightningModule):
         self._initialised = False
         #: ``{"root", "output_dir"}`` of the fit writing this module's outputs (kept in checkpoints)
         self._run_folders: dict[str, str] | None = None
+        #: the first step whose gradients were not finite, on the device (accelerators only)
+        self._first_bad: torch.Tensor | None = None
         if num_classes is not None and image_shape is not None:
             self._allocate(num_classes, self.image_shape)
 
@@ -209,14 +221,67 @@ class DistillationModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD([self.images], lr=self.lr_img, momentum=self.momentum)
 
-    def check_finite(self, loss: torch.Tensor, name: str = "loss") -> torch.Tensor:
-        """Raise before the optimizer step if the loss is NaN/inf (the saved files stay intact)."""
-        if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(
-                f"{type(self).__name__} {name} became {loss.item()} at step {self.global_step}; "
-                f"the images were not updated and files already written are kept "
-                f"(try a smaller --model.lr_img)")
-        return loss
+    def check_finite(self, value: torch.Tensor, name: str = "loss") -> torch.Tensor:
+        """Guard this step against a NaN/inf ``value`` (the loss, or a hand-made gradient).
+
+        On the CPU the check is immediate: it raises before the optimizer step. On an
+        accelerator reading the value would stop the host every step, so the check moves to the
+        device (:meth:`on_before_optimizer_step`): a step whose gradients are not finite has them
+        zeroed (the images are not updated with them), and the flag is read every
+        ``FINITE_CHECK_EVERY`` steps and before any file is written (:meth:`raise_if_not_finite`),
+        raising for the first bad step.
+        """
+        if not self._deferred_check():
+            if not torch.isfinite(value.detach()).all():
+                shown = f"{float(value)}" if value.numel() == 1 else "non-finite"
+                raise FloatingPointError(self._not_finite_message(name, self.global_step, shown))
+        return value
+
+    def _deferred_check(self) -> bool:
+        if self.deferred_finite_check is not None:
+            return self.deferred_finite_check
+        return self.device.type != "cpu"
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The device-side finite check (accelerators): zero the step's gradients where they are
+        not finite, remember the first such step, read the flag every ``FINITE_CHECK_EVERY``
+        steps. It looks at the gradients, which DDP has averaged: every rank decides alike."""
+        if not self._deferred_check():
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if not grads:
+            return
+        ok = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        for g in grads:
+            g.masked_fill_(~ok, 0.0)
+        step = torch.tensor(self.global_step).to(self.device, non_blocking=True)
+        bad_now = torch.where(ok, torch.full_like(step, -1), step)
+        first_bad = self._first_bad
+        self._first_bad = bad_now if first_bad is None else torch.where(first_bad >= 0,
+                                                                        first_bad, bad_now)
+        if (self.global_step + 1) % FINITE_CHECK_EVERY == 0:
+            self.raise_if_not_finite()
+
+    def raise_if_not_finite(self) -> None:
+        """Raise if a step's gradients were NaN/inf (reads the device flag once: called every
+        ``FINITE_CHECK_EVERY`` steps and before a file is written)."""
+        if self._first_bad is not None and int(self._first_bad) >= 0:
+            raise FloatingPointError(self._not_finite_message("gradients", int(self._first_bad)))
+
+    def _not_finite_message(self, name: str, step: int, shown: str = "non-finite") -> str:
+        return (f"{type(self).__name__} {name} became {shown} at step {step}; the images were "
+                "not updated with them and files already written are kept (try a smaller "
+                f"{self.lr_flag})")
+
+    def device_generator(self, generator: torch.Generator) -> torch.Generator:
+        """A generator on this module's device for draws that fill device tensors (network
+        weights, noise), seeded from ``generator``: on an accelerator a new device generator
+        (no copy from the host), on the CPU ``generator`` itself (the same draws as ever)."""
+        if self.device.type in ("cpu", "meta"):
+            return generator
+        seed = int(torch.randint(2**62, (1,), generator=generator))  # a host draw: no sync
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def synthetic_images(self) -> torch.Tensor:
         """The current synthetic images (normalised space), ``(classes * ipc, C, H, W)``."""

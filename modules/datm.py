@@ -176,14 +176,34 @@ class DATM(MTT):
         self.log("loss", loss.detach(), prog_bar=True)
         self.log("syn_lr", self.syn_lr.detach())
         self.log("upper_start_epoch", float(self.upper_start_epoch))
-        # every rank must agree on skipping, or DDP would wait for missing gradients
-        over = torch.tensor(float(loss.detach() > self.threshold), device=self.device)
+        # Skipped when over the threshold, on every rank if on one (a max all-reduce). The flag
+        # stays on the device (reading it would stop the host every step): the step is taken
+        # and then undone where the flag is set (see optimizer_step), which leaves the images,
+        # the lr, the soft labels and the momentum exactly as a skipped step does.
+        over = (loss.detach() > self.threshold).float()
         if self._trainer is not None:
             over = self.trainer.strategy.reduce(over, reduce_op="max")
-        if over.item() > 0:
-            self.log("skipped", 1.0)
-            return None
+        self._skip = over > 0
+        self.log("skipped", over)
         return loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for group in optimizer.param_groups:  # SGD's first step from a zero buffer is the same
+            if group.get("momentum", 0):
+                for p in group["params"]:
+                    optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        kept = [t.detach().clone() for p in params
+                for t in (p, optimizer.state[p].get("momentum_buffer")) if t is not None]
+        optimizer.step(closure=optimizer_closure)
+        skip = getattr(self, "_skip", None)
+        if skip is None:
+            return
+        now = [t for p in params for t in (p, optimizer.state[p].get("momentum_buffer"))
+               if t is not None]
+        with torch.no_grad():
+            for current, before in zip(now, kept, strict=True):
+                current.copy_(torch.where(skip, before, current))
 
     def configure_optimizers(self):
         return torch.optim.SGD([{"params": [self.images], "lr": self.lr_img},

@@ -224,7 +224,8 @@ class DC(DistillationModule):
         net = self._scratch.get("net")
         if net is None:
             net = self.build_network(self.network)
-        net = reset_parameters(net.to(self.device), self.shared_generator(step, _SALT_NETWORK))
+        net = reset_parameters(net.to(self.device),
+                               self.device_generator(self.shared_generator(step, _SALT_NETWORK)))
         self._scratch["net"] = net.train()
         self._scratch["opt"] = torch.optim.SGD(net.parameters(), lr=self.lr_net,
                                                momentum=self.net_momentum)

@@ -246,7 +246,8 @@ class DD(DistillationModule):
     def initial_parameters(self, step: int) -> dict[str, torch.Tensor]:
         """``theta_0`` of ``step`` (the same on every rank), on the module's device."""
         if self.init_mode == "random":
-            net = reset_parameters(self._net(), self.shared_generator(step, _SALT_THETA))
+            net = reset_parameters(self._net(),
+                                   self.device_generator(self.shared_generator(step, _SALT_THETA)))
             return {n: p.detach().clone() for n, p in net.named_parameters()}
         initial = self._scratch.get("initial")
         if initial is None:

@@ -73,7 +73,7 @@ class DM(DistillationModule):
             net = self._scratch["net"] = self._build_network()
         net = net.to(self.device)
         self._scratch["net"] = net
-        return reset_parameters(net, generator).train()
+        return reset_parameters(net, self.device_generator(generator)).train()
 
     def matching_loss(self, real: torch.Tensor, generator: torch.Generator,
                       images: torch.Tensor | None = None) -> torch.Tensor:

@@ -115,6 +115,7 @@ class LD3M(DistillationModule):
     """
 
     method_name = "LD3M"
+    lr_flag = "--model.lr_latent"
 
     def __init__(self, generator: str, ipc: int = 10, objective: str = "dm", steps: int = 10,
                  guidance: float = 1.0, skip: bool = True, chunk_size: int | None = 10,
@@ -390,9 +391,8 @@ class LD3M(DistillationModule):
         if lr_grad:
             self.syn_lr.grad = self._all_reduce([lr_grad[0]])[0]
             self.log("syn_lr", self.syn_lr.detach())
-        if not (torch.isfinite(z_grad).all() and torch.isfinite(c_grad).all()):
-            raise FloatingPointError(f"LD3M gradients of the latents became non-finite at step {step}; "
-                                     "the latents were not updated (try a smaller lr_latent)")
+        self.check_finite(z_grad, "gradient of the latents")
+        self.check_finite(c_grad, "gradient of the class embeddings")
         optimizer.step()
         self._stale = True
         if self.objective == "dc":

@@ -245,9 +245,9 @@ class MTT(DistillationModule):
         batches = []
         for _ in range(self.syn_steps):
             index = torch.randperm(n, generator=generator)[:size] if size < n else torch.arange(n)
-            params = (self.dsa.sample(size, self.image_shape[1:], generator).to(self.device)
-                      if self.dsa is not None else None)
-            batches.append((index.to(self.device), params))
+            params = (self.dsa.sample(size, self.image_shape[1:], generator)
+                      .to(self.device, non_blocking=True) if self.dsa is not None else None)
+            batches.append((index.to(self.device, non_blocking=True), params))
         return batches
 
     def _augment(self, x: torch.Tensor, params: DSAParams | None) -> torch.Tensor:
@@ -326,7 +326,8 @@ class MTT(DistillationModule):
         index = int(torch.randint(len(self.buffer), (1,), generator=generator))
         low, high = self.start_epoch_range()
         start = int(torch.randint(low, high, (1,), generator=generator))
-        rows = self.buffer.rows(index, [start, start + self.expert_epochs]).to(self.device)
+        rows = self.buffer.rows(index, [start, start + self.expert_epochs])
+        rows = rows.to(self.device, non_blocking=True)  # read from the shard: no device sync
         return rows[0], rows[1]
 
     def on_train_start(self) -> None:

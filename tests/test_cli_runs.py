@@ -99,9 +99,12 @@ def test_ckpt_path_last_picks_the_newest_run(data_dir: Path, tmp_path: Path, cap
 
 
 @pytest.mark.slow
-def test_ctrl_c_from_outside_a_subprocess(data_dir: Path, tmp_path: Path) -> None:
-    """A real Ctrl-C from another process, landing wherever the run is: one checkpoint at a
-    step boundary, a one-line notice, no traceback; resuming completes the run."""
+@pytest.mark.parametrize("sent, notice, status", [(signal.SIGINT, "Ctrl-C", 1),
+                                                  (signal.SIGTERM, "SIGTERM", 143)])
+def test_stopped_from_outside_a_subprocess(data_dir: Path, tmp_path: Path, sent: int, notice: str,
+                                           status: int) -> None:
+    """A real Ctrl-C, or a scheduler's SIGTERM, from another process, landing wherever the run
+    is: one checkpoint at a step boundary, a notice, no traceback; resuming completes the run."""
     root = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     env.pop("LD3M_DEBUG", None)
@@ -113,10 +116,10 @@ def test_ctrl_c_from_outside_a_subprocess(data_dir: Path, tmp_path: Path) -> Non
     while not (root / "images" / "step_000003.png").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     _, err = process.communicate(timeout=120)
-    assert process.returncode != 0
-    assert "Traceback" not in err and "Ctrl-C" in err, err
+    assert process.returncode == status, err
+    assert "Traceback" not in err and notice in err, err
     (last,) = root.rglob("last.ckpt")
     step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 3 <= step < 200

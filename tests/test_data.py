@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import write_idx
-from ld3m.datamodules import MNIST, DistilledDataModule, FashionMNIST
+from ld3m.datamodules import MNIST, ClassBalancedStream, DistilledDataModule, FashionMNIST
 
 from ld3m.synthetic import SyntheticSet
 
@@ -29,8 +29,25 @@ def _assert_images_of_class(dm, images: torch.Tensor, c: int) -> None:
 
 
 def _first_batches(dm, k: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``k`` batches as a Trainer's step sees them (after the batch-transfer hook)."""
     stream = iter(dm.train_dataloader())
-    return [next(stream) for _ in range(k)]
+    return [dm.on_after_batch_transfer(next(stream), 0) for _ in range(k)]
+
+
+def test_in_a_trainer_only_indices_cross_to_the_device(fmnist: FashionMNIST) -> None:
+    """Attached to a trainer, the loader of a cached dataset yields each batch's indices; the
+    images are gathered from the cache on the device: the same batch as the host stream's."""
+    from ld3m.datamodules.real import ClassBalancedPicks
+
+    fmnist.trainer = SimpleNamespace(global_rank=0, global_step=0)
+    picks = next(iter(fmnist.train_dataloader()))
+    assert isinstance(picks, ClassBalancedPicks) and picks.index.shape == (80,)
+    assert picks.index.dtype == torch.long
+    images, labels = fmnist.on_after_batch_transfer(picks.to("cpu"), 0)
+    host_images, host_labels = ClassBalancedStream(fmnist, 8).batch(0)
+    assert torch.equal(images, host_images) and torch.equal(labels, host_labels)
+    fmnist.trainer = None  # outside a Trainer (no hook runs): whole batches
+    assert next(iter(fmnist.train_dataloader()))[0].shape == (10, 8, 1, 28, 28)
 
 
 # ------------------------------------------------------------------------------ Fashion-MNIST

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import cpu_trainer
-from ld3m.callbacks import ExportSynthetic
+from ld3m.callbacks import ExportSynthetic, ImageGrid
 from ld3m.datamodules import FashionMNIST
 from ld3m.modules import DM
 
@@ -193,6 +193,28 @@ def test_nan_during_fit_keeps_the_last_finite_images(fmnist: FashionMNIST, tmp_p
     # the last finite images, under another name than a finished set's
     saved = SyntheticSet.load(tmp_path / "synthetic.failed.safetensors")
     assert torch.equal(saved.images, poison.images_before)
+    assert not (tmp_path / "synthetic.safetensors").exists()
+
+
+@pytest.mark.parametrize("writer", ["none", "grid"])
+def test_deferred_finite_check(fmnist: FashionMNIST, tmp_path: Path, monkeypatch,
+                               writer: str) -> None:
+    """The accelerators' check (run here on the CPU): no host read per step; the poisoned
+    step's gradient is dropped, the flags are read every few steps, and before any file is
+    written (a grid after every step here), raising for the first bad step."""
+    import ld3m.modules.base as base
+
+    monkeypatch.setattr(base, "FINITE_CHECK_EVERY", 4)
+    model = _dm(ipc=1)
+    model.deferred_finite_check = True
+    poison, export = _NaNAtStep(step=1), ExportSynthetic()
+    callbacks = [poison, export] + ([ImageGrid(every_n_steps=1)] if writer == "grid" else [])
+    with pytest.raises(FloatingPointError, match="DM gradients became non-finite at step 1"):
+        cpu_trainer(tmp_path, 6, callbacks).fit(model, datamodule=fmnist)
+    # found at step 1's grid, or at the periodic read in step 3 (the 4th, before its update)
+    assert model.global_step == (2 if writer == "grid" else 3)
+    assert torch.isfinite(model.images).all(), "a non-finite gradient reached the images"
+    assert torch.isfinite(SyntheticSet.load(tmp_path / "synthetic.failed.safetensors").images).all()
     assert not (tmp_path / "synthetic.safetensors").exists()
 
 

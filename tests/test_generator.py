@@ -11,33 +11,12 @@ import math
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
+from diffusers import DDIMScheduler, UNet2DModel
 
 from ld3m.generator import CONFIG_NAME, LatentGenerator, VectorClassEmbedding, skip_weights
+from ld3m.testing import tiny_generator
 
 NUM_CLASSES = 3
-
-
-def tiny_generator(seed: int = 0, vae: str = "kl", null: bool = True) -> LatentGenerator:
-    """A random tiny generator (the global RNG is only used under a fork, seeded)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        parts = dict(in_channels=1, out_channels=1, latent_channels=4, sample_size=16,
-                     down_block_types=("DownEncoderBlock2D",) * 2,
-                     up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                     layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False)
-        first_stage = (AutoencoderKL(**parts) if vae == "kl"
-                       else VQModel(num_vq_embeddings=32, **parts))
-        unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4,
-                           block_out_channels=(16, 32), layers_per_block=1,
-                           down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                           norm_num_groups=8, add_attention=False,
-                           num_class_embeds=NUM_CLASSES + (1 if null else 0))
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=True)
-    return LatentGenerator(first_stage, unet, scheduler, NUM_CLASSES, (1, 16, 16),
-                           null_class=NUM_CLASSES if null else None, image_mean=(0.2860,),
-                           image_std=(0.3530,), scaling_factor=1.0, meta={"test": True})
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import torch
 from ld3m.modules import MTT
 from ld3m.modules.mtt import _free_memory
 
-from ld3m.networks import get_network, reset_parameters
-from ld3m.trajectories import ExpertTrajectory, flatten_parameters, parameter_layout, shard_name
+from ld3m.testing import write_stand_in_buffer
 
 NET = "ConvNetW32"
 TINY = (3, 16, 16)
@@ -22,20 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def write_buffer(folder: Path, experts: int = 2, epochs: int = 4, network: str = NET,
                  shape=TINY, classes: int = 3, dataset: str = "Tiny") -> Path:
-    """Stand-in experts: random walks from seeded initialisations (no real training needed)."""
-    for index in range(experts):
-        net = reset_parameters(get_network(network, shape[0], classes, shape[1]),
-                               torch.Generator().manual_seed(index))
-        g = torch.Generator().manual_seed(100 + index)
-        rows = [flatten_parameters(net)]
-        for _ in range(epochs):
-            rows.append(rows[-1] + 0.01 * torch.randn(rows[-1].shape, generator=g))
-        info = {"expert": index, "network": network, "dataset": dataset, "channels": shape[0],
-                "num_classes": classes, "image_shape": list(shape), "epochs": epochs,
-                "lr_teacher": 0.01, "batch_size": 256, "dsa": "none", "zca": False,
-                "seed": index, "params": parameter_layout(net)}
-        ExpertTrajectory(torch.stack(rows), info).save(folder / shard_name(index))
-    return folder
+    """Stand-in experts (``ld3m.testing``), with this file's defaults."""
+    return write_stand_in_buffer(folder, experts=experts, epochs=epochs, network=network,
+                                 shape=shape, classes=classes, dataset=dataset)
 
 
 def _model(buffer: Path, **kwargs) -> MTT:

@@ -17,17 +17,21 @@ import pytest
 from ld3m.cli import main
 
 ROOT = Path(__file__).parent.parent
-DOCS = [ROOT / "README.md", ROOT / "docs" / "guide.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "guide.md", ROOT / "docs" / "multi_gpu.md"]
 
 
 def _commands(path: Path) -> list[str]:
-    """The ``ld3m`` command lines of the ``bash`` blocks of ``path`` (continuations joined)."""
+    """The ``ld3m`` command lines of the ``bash`` blocks of ``path`` (continuations joined),
+    as ``ld3m ARGS`` also where a launcher runs them (``srun ld3m ...``,
+    ``torchrun ... -m ld3m.cli ...``)."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.strip()
-            if line == "ld3m" or line.startswith("ld3m "):
-                commands.append(line)
+            tokens = shlex.split(line, comments=True)
+            for start, token in enumerate(tokens):
+                if token == "ld3m" or (token == "ld3m.cli" and tokens[start - 1] == "-m"):
+                    commands.append(shlex.join(["ld3m", *tokens[start + 1:]]))
+                    break
     return commands
 
 

@@ -113,7 +113,7 @@ def test_mtt_gets_step_indices_not_real_batches(tmp_path: Path, fmnist: FashionM
         batches = iter(fmnist.train_dataloader())
         assert [int(next(batches)) for _ in range(3)] == [7, 8, 9]
         fmnist.trainer.lightning_module = DM(ipc=1)
-        images, labels = next(iter(fmnist.train_dataloader()))
+        images, labels = fmnist.on_after_batch_transfer(next(iter(fmnist.train_dataloader())), 0)
         assert images.shape[:2] == labels.shape == (10, fmnist.batch_per_class)
     finally:
         fmnist.trainer = None
