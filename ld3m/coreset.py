@@ -116,11 +116,16 @@ class CosineSimilarity:
             out = part if out is None else out * part
         return out
 
-    def row(self, i: int, cols: torch.Tensor) -> torch.Tensor:
-        """``s[i, cols]``: a lookup in the matrix, or computed on the fly."""
+    def row(self, i: int | torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``s[i, cols]``: a lookup in the matrix, or computed on the fly (``i`` may be a 0-dim
+        tensor on the device: no read back to the host)."""
+        if not isinstance(i, torch.Tensor):
+            return self.matrix[i, cols] if self.matrix is not None else self.block(
+                torch.tensor([i], device=self.device), cols)[0]
+        rows = i.reshape(1)  # a 1-element index: a 0-dim one would be read back as an int
         if self.matrix is not None:
-            return self.matrix[i, cols]
-        return self.block(torch.tensor([i], device=self.device), cols)[0]
+            return self.matrix.index_select(0, rows)[0, cols]
+        return self.block(rows, cols)[0]
 
     def diagonal(self, index: torch.Tensor) -> torch.Tensor:
         """``s_jj`` for ``j`` in ``index`` (1, or 0 for a zero feature)."""
@@ -161,30 +166,36 @@ class GraphCut:
         self.self_similarity = similarity.diagonal(self.ground)
         self.selected_sum = torch.zeros_like(self.coverage)  # r_j = sum_{i in S} s_ij
         self.available = torch.ones(len(self.ground), dtype=torch.bool, device=similarity.device)
-        self.order: list[int] = []
+        self.order: list[int | torch.Tensor] = []
 
     def gains(self) -> torch.Tensor:
         """``f(S + j) - f(S)`` for every candidate (``-inf`` for those already in ``S``)."""
         gain = self.coverage - self.lam * (2 * self.selected_sum + self.self_similarity)
         return gain.masked_fill(~self.available, -math.inf)
 
-    def add(self, position: int) -> None:
-        """Put ``ground[position]`` into ``S``."""
-        if not self.available[position]:
+    def add(self, position: int | torch.Tensor) -> None:
+        """Put ``ground[position]`` into ``S`` (a 0-dim tensor ``position`` is trusted to be
+        available: checking it would read it back to the host)."""
+        if not isinstance(position, torch.Tensor) and not self.available[position]:
             raise ValueError(f"position {position} is already selected")
-        self.available[position] = False
-        self.selected_sum += self.similarity.row(int(self.ground[position]), self.ground)
+        # a tensor position is used as a 1-element index (a 0-dim one would be read as an int)
+        where = position.reshape(1) if isinstance(position, torch.Tensor) else position
+        self.available[where] = False
+        self.selected_sum += self.similarity.row(self.ground[where], self.ground)
         self.order.append(position)
 
-    def pick(self) -> int:
-        """Add the candidate of largest gain (the lowest position among equals); its position."""
-        position = int(torch.argmax(self.gains()))
+    def pick(self) -> torch.Tensor:
+        """Add the candidate of largest gain (the lowest position among equals); its position,
+        a 0-dim tensor where the features are: on a GPU the greedy loop never waits for it."""
+        position = torch.argmax(self.gains())
         self.add(position)
         return position
 
     def selected(self) -> torch.Tensor:
         """Indices of ``S`` in the order they were picked."""
-        return self.ground[torch.tensor(self.order, dtype=torch.long, device=self.ground.device)]
+        device = self.ground.device
+        order = [torch.as_tensor(p, device=device).view(()) for p in self.order]
+        return self.ground[torch.stack(order)] if order else self.ground[:0]
 
     def leftover(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The candidates not in ``S`` and their coverage of themselves: ``c_j - r_j``."""

@@ -32,3 +32,18 @@ def test_the_counter_sees_what_would_stop_the_host() -> None:
 def test_a_steady_step_has_no_host_device_sync(method: str) -> None:
     syncs, detail = host_syncs.count(method)
     assert syncs == 0, dict(detail)
+
+
+def test_dq_greedy_picks_never_wait_for_the_device() -> None:
+    """DQ's GraphCut keeps each pick's position on the device: a bin of picks, no sync."""
+    from ld3m.coreset import CosineSimilarity, GraphCut
+
+    with host_syncs.SyncCounter():  # set-up (checking the features once) is not counted
+        similarity = CosineSimilarity(torch.empty(50, 8, device="meta"))
+        cut = GraphCut(similarity, torch.arange(50, device="meta"), lam=1.0)
+    counter = host_syncs.SyncCounter()
+    with counter:
+        for _ in range(10):
+            cut.pick()
+        cut.selected()
+    assert sum(counter.events.values()) == 0, counter.events
