@@ -34,16 +34,19 @@ class PeriodicEvaluation(L.Callback):
         at_end: Evaluate when training ends.
         archs: Architectures to train (comma-separated names also accepted).
         runs: Fresh networks per architecture.
-        epochs: Training epochs per network (the published protocol: 1000 with DSA, 300 without).
+        epochs: The protocol's ``E`` per network (``E + 1`` epochs are trained; the published
+            protocol: 1000 with augmentation, 300 without).
         dsa: DSA strategy during evaluation training ("none" to disable).
         baseline: Also evaluate random real images (same IPC) at the end.
         precision: Precision of the evaluation trainers (default: full precision).
         seed: Seed of the evaluation's draws (networks, augmentation, shuffling, baseline).
+        dc_augment: DC's own augmentation when ``dsa`` is ``none`` (e.g. ``crop_scale_rotate``,
+            ``auto``: the authors' choice per dataset and network; see ``ld3m.evaluation``).
     """
 
     def __init__(self, every_n_steps: int = 0, at_end: bool = True, archs: list[str] | str = "ConvNet",
                  runs: int = 3, epochs: int = 300, dsa: str = DEFAULT_DSA, baseline: bool = True,
-                 precision: str | None = None, seed: int = 0) -> None:
+                 precision: str | None = None, seed: int = 0, dc_augment: str = "none") -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if runs < 1 or epochs < 1:
@@ -57,6 +60,7 @@ class PeriodicEvaluation(L.Callback):
         self.baseline = baseline
         self.precision = precision
         self.seed = seed
+        self.dc_augment = dc_augment
         self.last_report: EvalReport | None = None
         #: ``[{"step", "arch", "mean", "std"}]`` of every evaluation of the synthetic set so far
         self.history: list[dict[str, Any]] = []
@@ -68,6 +72,7 @@ class PeriodicEvaluation(L.Callback):
         report = evaluate(pl_module.synthetic_set(), trainer.datamodule, archs=self.archs,
                           runs=self.runs, epochs=self.epochs, dsa=self.dsa, baseline=baseline,
                           seed=self.seed, precision=self.precision, progress=False,
+                          dc_augment=self.dc_augment,
                           device=pl_module.device, rank=trainer.global_rank,
                           world_size=trainer.world_size)
         self.last_report = report

@@ -20,14 +20,15 @@ Images are channels-first ``(N, C, H, W)`` tensors with arbitrary real values
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kornia.geometry.transform import hflip, rotate, scale, translate
+from kornia.geometry.transform import hflip, translate
 
-__all__ = ["DEFAULT_STRATEGY", "FAMILIES", "DSA", "DSAParams"]
+__all__ = ["DC_FAMILIES", "DEFAULT_STRATEGY", "FAMILIES", "DCAugment", "DSA", "DSAParams"]
 
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -49,8 +50,9 @@ class DSAParams:
     * ``crop``: ``(n, 2)`` long, the integer shift ``(dx, dy)`` in pixels (content moves by it);
     * ``cutout``: ``(n, 2)`` long, the centre ``(cx, cy)`` of the zeroed square;
     * ``flip``: ``(n,)`` bool, whether to flip horizontally;
-    * ``scale``: ``(n, 2)`` float, the factors ``(sx, sy)``;
-    * ``rotate``: ``(n,)`` float, the angle in degrees (counter-clockwise).
+    * ``scale``: ``(n, 2)`` float, the factors ``(sx, sy)`` of the output-to-input map (the
+      content is magnified by ``1 / s``, as the authors');
+    * ``rotate``: ``(n,)`` float, the angle in degrees of the authors' rotation matrix.
 
     ``n == 1`` means the parameters are shared by every image of a batch.
     """
@@ -179,7 +181,12 @@ class DSA:
                     [integers(-sx, sx + 1, n), integers(-sy, sy + 1, n)], dim=1
                 )
             elif family == "cutout":
-                values[family] = torch.stack([integers(0, width, n), integers(0, height, n)], dim=1)
+                # the authors' randint(0, side + (1 - size % 2)): the centre may sit on the far
+                # edge (29 values at 28 px) when the square's side is even
+                side_w = _round_half_up(self.cutout * width)
+                side_h = _round_half_up(self.cutout * height)
+                values[family] = torch.stack([integers(0, width + 1 - side_w % 2, n),
+                                              integers(0, height + 1 - side_h % 2, n)], dim=1)
             elif family == "flip":
                 values[family] = uniform(n) < 0.5
             elif family == "scale":
@@ -280,22 +287,28 @@ class DSA:
         return torch.where(flip.to(x.device, non_blocking=True).view(-1, 1, 1, 1), hflip(x), x)
 
     def _scale(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        # As the authors: (sx, sy) is the affine grid's output-to-input map, so the content is
+        # magnified by 1 / s (mean 0.994 for s ~ U[1/1.2, 1.2], zoomed in 45 % of the time).
         factors = factors.to(x.device, non_blocking=True).expand(x.shape[0], 2)
-        return _geometric(
-            x,
-            lambda t: scale(
-                t, factors.to(t.dtype), mode="bilinear", padding_mode="zeros", align_corners=True
-            ),
-        )
+        zero = torch.zeros_like(factors[:, 0])
+        theta = torch.stack([torch.stack([factors[:, 0], zero, zero], 1),
+                             torch.stack([zero, factors[:, 1], zero], 1)], 1)
+        return _geometric(x, lambda t: _affine(t, theta))
 
     def _rotate(self, x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-        angle = angle.to(x.device, non_blocking=True).expand(x.shape[0])
-        return _geometric(
-            x,
-            lambda t: rotate(
-                t, angle.to(t.dtype), mode="bilinear", padding_mode="zeros", align_corners=True
-            ),
-        )
+        # the authors' matrix: [[cos, -sin, 0], [sin, cos, 0]] of the angle, output to input
+        radians = angle.to(x.device, non_blocking=True).expand(x.shape[0]).float() * (math.pi / 180)
+        cos, sin, zero = torch.cos(radians), torch.sin(radians), torch.zeros_like(radians)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1),
+                             torch.stack([sin, cos, zero], 1)], 1)
+        return _geometric(x, lambda t: _affine(t, theta))
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` of ``x`` on the affine grid of ``theta`` ``(N, 2, 3)`` (bilinear, zero
+    padding, ``align_corners=False``: the authors' ``F.affine_grid`` / ``F.grid_sample`` calls)."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _geometric(x: torch.Tensor, warp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -308,3 +321,94 @@ def _geometric(x: torch.Tensor, warp: Callable[[torch.Tensor], torch.Tensor]) ->
     with torch.autocast(device_type=x.device.type, enabled=False):
         out = warp(x.to(dtype))
     return out.to(x.dtype)
+
+
+DC_FAMILIES = ("crop", "scale", "rotate", "noise")
+
+
+class DCAugment:
+    """DC's own augmentation for training evaluation networks of methods without DSA, as the
+    authors' ``augment`` (with ``get_daparam``'s settings). Not differentiable, and only used to
+    train evaluation networks: each image gets one family drawn from the strategy.
+
+    * ``crop``: pad by ``crop`` pixels with the batch's channel means and take a window at a
+      random offset in ``[0, 2 crop)`` (a shift in ``[-crop, crop - 1]``);
+    * ``scale``: resize (nearest) to ``int(u * H)`` x ``int(v * H)``, ``u, v ~ U[1 - scale,
+      1 + scale]``, then centre it on a zero canvas and crop the centre back;
+    * ``rotate``: rotate by an integer angle in ``[-rotate, rotate)`` degrees (cubic spline,
+      ``scipy.ndimage.rotate``, the outside filled with the mean of the channel means), centre
+      crop;
+    * ``noise``: add ``noise`` times standard normal noise.
+
+    Args:
+        strategy: Families joined by ``"_"`` (``crop_scale_rotate`` for MNIST, ``crop_noise``
+            for BatchNorm ConvNets in the authors' code), or ``"none"``.
+        crop: Pad / shift of ``crop``.
+        scale: Range of ``scale``.
+        rotate: Range (degrees) of ``rotate``.
+        noise: Scale of ``noise``.
+    """
+
+    def __init__(self, strategy: str = "none", crop: int = 4, scale: float = 0.2,
+                 rotate: int = 45, noise: float = 0.001) -> None:
+        strategy = strategy.strip().lower()
+        families = () if strategy in ("", "none") else tuple(f for f in strategy.split("_") if f)
+        unknown = [f for f in families if f not in DC_FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown DC augmentation family {unknown} in {strategy!r}; expected "
+                             f"names from {DC_FAMILIES} joined by '_', or 'none'")
+        self.strategy, self.families = strategy, families
+        self.crop, self.scale, self.rotate, self.noise = int(crop), float(scale), int(rotate), noise
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.families)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(strategy={self.strategy!r})"
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment the batch ``x`` ``(N, C, H, W)``; a new tensor (``x`` is left as it is)."""
+        if not self.families:
+            return x
+        x = x.detach().clone()
+        means = [float(m) for m in x.mean(dim=(0, 2, 3))]  # the batch's channel means
+        picks = torch.randint(len(self.families), (x.shape[0],), generator=generator).tolist()
+        for i, pick in enumerate(picks):
+            x[i] = getattr(self, f"_{self.families[pick]}")(x[i], means, generator)
+        return x
+
+    def _crop(self, image: torch.Tensor, means: list[float], generator) -> torch.Tensor:
+        c, h, w = image.shape
+        pad = self.crop
+        canvas = torch.tensor(means, dtype=image.dtype, device=image.device).view(c, 1, 1)
+        canvas = canvas.expand(c, h + 2 * pad, w + 2 * pad).clone()
+        canvas[:, pad:pad + h, pad:pad + w] = image
+        r, s = (int(v) for v in torch.randint(2 * pad, (2,), generator=generator))
+        return canvas[:, r:r + h, s:s + w]
+
+    def _scale(self, image: torch.Tensor, means: list[float], generator) -> torch.Tensor:
+        c, h, w = image.shape
+        u = (1 - self.scale) + 2 * self.scale * torch.rand(2, generator=generator)
+        new_h, new_w = int(float(u[0]) * h), int(float(u[1]) * h)  # both from H, as theirs
+        resized = F.interpolate(image[None], [new_h, new_w])[0]
+        side = max(new_h, new_w, h, w)
+        canvas = torch.zeros(c, side, side, dtype=image.dtype, device=image.device)
+        r, s = int((side - new_h) / 2), int((side - new_w) / 2)
+        canvas[:, r:r + new_h, s:s + new_w] = resized
+        r, s = int((side - h) / 2), int((side - w) / 2)
+        return canvas[:, r:r + h, s:s + w]
+
+    def _rotate(self, image: torch.Tensor, means: list[float], generator) -> torch.Tensor:
+        from scipy.ndimage import rotate as spline_rotate
+
+        angle = int(torch.randint(-self.rotate, self.rotate, (1,), generator=generator))
+        turned = spline_rotate(image.cpu().numpy(), angle=angle, axes=(-2, -1),
+                               cval=sum(means) / len(means))
+        h, w = image.shape[-2:]
+        r, s = int((turned.shape[-2] - h) / 2), int((turned.shape[-1] - w) / 2)
+        return torch.as_tensor(turned[:, r:r + h, s:s + w], dtype=image.dtype).to(image.device)
+
+    def _noise(self, image: torch.Tensor, means: list[float], generator) -> torch.Tensor:
+        draw = torch.randn(image.shape, generator=generator, dtype=image.dtype)
+        return image + self.noise * draw.to(image.device)

@@ -49,8 +49,9 @@ from ld3m.outputs import LOGS, next_version, version_of
 log = logging.getLogger("ld3m")
 
 #: What ``ld3m fit`` runs where the command names no method / no dataset: DM on Fashion-MNIST,
-#: IPC 10 (DM's own defaults), 64 real images per class (CPU-sized; the authors use 256).
-DEFAULT_MODEL = ["--model", "DM"]
+#: IPC 10 (DM's defaults are the authors', IPC 50), 64 real images per class (CPU-sized; the
+#: authors use 256).
+DEFAULT_MODEL = ["--model", "DM", "--model.ipc", "10"]
 DEFAULT_DATA = ["--data", "FashionMNIST", "--data.batch_per_class", "64"]
 TRAINER_DEFAULTS = {
     "max_steps": 150,

@@ -25,8 +25,9 @@ log = logging.getLogger("ld3m")
 __all__ = ["buffer", "evaluate", "prior"]
 
 
-def evaluate(distilled: str, data_dir: str | None = None, archs: list[str] | str = "ConvNet",
-             runs: int = 5, epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
+def evaluate(distilled: list[str] | str, data_dir: str | None = None,
+             archs: list[str] | str = "ConvNet", runs: int = 20, epochs: int = 1000,
+             lr: float | None = None, dsa: str = DEFAULT_DSA, dc_augment: str = "none",
              baseline: bool = True, seed: int = 0, accelerator: str = "auto",
              precision: str | None = None, protocol: str = "auto",
              output: str | None = None) -> EvalReport:
@@ -34,14 +35,20 @@ def evaluate(distilled: str, data_dir: str | None = None, archs: list[str] | str
     real images of the same IPC are trained the same way beside it (the baseline).
 
     Args:
-        distilled: The synthetic set (a ``.safetensors`` file written by ``ld3m fit``).
+        distilled: The synthetic set (a ``.safetensors`` file written by ``ld3m fit``), or several
+            sets of one method and IPC (a list, or comma-separated): the papers' protocol of
+            several distilled sets, their networks pooled into one mean +- std.
         data_dir: Folder of the real dataset the set was distilled from (default:
             ``$LD3M_DATA_DIR`` or the user cache).
         archs: Networks to train, a list or comma-separated (e.g. ConvNet,AlexNet,VGG11,ResNet18).
-        runs: Fresh networks per architecture.
-        epochs: Training epochs per network (the lr drops x0.1 at half).
+        runs: Fresh networks per set and architecture (the DC/DM papers': 20).
+        epochs: The protocol's ``E``: ``E + 1`` epochs, the lr x0.1 (a new optimiser) after
+            epoch ``E // 2 + 1``, as the authors' (1000 with augmentation, 300 without).
         lr: Learning rate (default: the set's learned lr, else 0.01).
         dsa: DSA strategy while training, or ``none``.
+        dc_augment: With ``--dsa none``: DC's own augmentation (``crop_scale_rotate``,
+            ``crop_noise``...), ``auto`` for the authors' choice per dataset and network, or
+            ``none``.
         baseline: Also train on random real images of the same IPC.
         seed: Seed of every draw (networks, augmentation, shuffling, baseline images): the same
             seed gives the same table.
@@ -51,22 +58,25 @@ def evaluate(distilled: str, data_dir: str | None = None, archs: list[str] | str
             are then the set's own) or ``auto`` (``dd`` for DD sets).
         output: Also write the report as JSON to this file.
     """
-    synthetic = SyntheticSet.load(distilled)
+    paths = [p.strip() for p in distilled.split(",")] if isinstance(distilled, str) else distilled
+    sets = [SyntheticSet.load(path) for path in paths]
+    synthetic = sets[0]
     if synthetic.dataset not in DATASETS:
-        raise ValueError(f"{distilled} was distilled from {synthetic.dataset!r}; "
+        raise ValueError(f"{paths[0]} was distilled from {synthetic.dataset!r}; "
                          f"ld3m evaluate knows {', '.join(DATASETS)}")
     zca = synthetic.meta.get("zca")  # a whitened set is evaluated on equally whitened data
     kwargs = {"zca": zca is not None, "zca_eps": (zca or {}).get("eps", 0.1)}
     data_class = DATASETS[synthetic.dataset]
     if issubclass(data_class, ImageFolderData):
         if data_dir is None:
-            raise ValueError(f"{distilled} was distilled from an image folder: pass --data_dir")
+            raise ValueError(f"{paths[0]} was distilled from an image folder: pass --data_dir")
         kwargs["image_size"] = synthetic.image_shape[-1]
     real: RealDataModule = data_class(data_dir=data_dir, **kwargs)
     names = [a.strip() for a in archs.split(",")] if isinstance(archs, str) else list(archs)
-    report = run_evaluation(synthetic, real, archs=names, runs=runs, epochs=epochs, lr=lr,
-                            dsa=dsa, baseline=baseline, seed=seed, accelerator=accelerator,
-                            precision=precision, protocol=protocol, progress=False)
+    report = run_evaluation(sets if len(sets) > 1 else synthetic, real, archs=names, runs=runs,
+                            epochs=epochs, lr=lr, dsa=dsa, baseline=baseline, seed=seed,
+                            accelerator=accelerator, precision=precision, protocol=protocol,
+                            progress=False, dc_augment=dc_augment)
     print(report.table())
     if output:
         with atomic_write(output) as tmp:

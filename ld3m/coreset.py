@@ -20,7 +20,7 @@ Per class, with ``s_ij`` the cosine similarity of the samples' features:
 The ground set ``V_k`` is the *remaining* pool, as in the authors' code (``quantize_sample.py``
 rebuilds the training set from the indices earlier bins left, and their ``GraphCut`` sums
 similarities over that set). Their gain is written ``lam * c_j - 2 r_j`` (``lam`` weighting
-coverage); this module follows the paper and ``METHODS.md`` (``lam`` weighting the pairwise
+coverage); this module follows the paper (``lam`` weighting the pairwise
 term) and includes the constant self-similarity ``s_jj``: for ``lam = 1`` the two rank every
 candidate identically.
 

@@ -1,8 +1,11 @@
 """The evaluation protocol: train fresh networks on a synthetic set, test on real data.
 
-The standard protocol: SGD (momentum 0.9, weight decay 5e-4), batch 256, lr 0.01 (or the set's
-learned lr), lr x0.1 at epoch E/2, DSA on every training batch (independent per-sample draws),
-accuracy on the real test set at the end of training.
+The standard protocol, as the authors' ``evaluate_synset`` (VICO-UoE/DatasetCondensation):
+SGD (momentum 0.9, weight decay 5e-4), batch 256, lr 0.01 (or the set's learned lr), ``E + 1``
+epochs (``for ep in range(E + 1)``), after epoch ``E // 2 + 1`` (0-based) the lr x0.1 with a
+*new* SGD optimiser (the momentum buffers dropped), DSA on every training batch (independent
+per-sample draws; or DC's own non-differentiable augmentation for methods without DSA), and the
+accuracy on the real test set once, at the end of training.
 
 The DD protocol (for sets distilled by DD, chosen automatically): the set's network starts from
 its initialisation family (fresh random weights, the stored ``theta_0``, or one of the stored
@@ -30,10 +33,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
-from ld3m.augment import DSA
+from ld3m.augment import DSA, DCAugment
 from ld3m.datamodules.distilled import DistilledDataModule
 from ld3m.datamodules.real import RealDataModule
-from ld3m.networks import conv_backend, get_network, reset_parameters
+from ld3m.networks import conv_backend, get_network, reset_parameters, xavier_init
 from ld3m.synthetic import SyntheticSet
 from ld3m.unrolled import step_batches, unpack_pool, unpack_weights
 
@@ -53,16 +56,23 @@ class Classifier(L.LightningModule):
         num_classes: Number of classes.
         image_size: Input side length.
         lr: Initial SGD learning rate.
-        epochs: Training epochs E; the lr is multiplied by 0.1 at E/2.
+        epochs: The protocol's ``E``: ``E + 1`` epochs are trained, the lr x0.1 (a new optimiser,
+            no momentum carried over) after epoch ``E // 2 + 1``, as the authors'.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         dsa: DSA strategy applied to every training batch ("none" to disable).
         seed: Seed of the network initialisation and the augmentation draws.
+        dc_augment: DC's own augmentation (:class:`ld3m.augment.DCAugment`) of every training
+            batch when ``dsa`` is off, e.g. ``crop_scale_rotate``; ``"none"`` disables it.
     """
+
+    #: Whether the lr drops (with a new optimiser) after epoch ``E // 2 + 1``.
+    drops_lr = True
 
     def __init__(self, network: str, channels: int, num_classes: int, image_size: int,
                  lr: float = 0.01, epochs: int = 1000, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, dsa: str = DEFAULT_DSA, seed: int = 0) -> None:
+                 weight_decay: float = 5e-4, dsa: str = DEFAULT_DSA, seed: int = 0,
+                 dc_augment: str = "none") -> None:
         super().__init__()
         if lr <= 0 or not math.isfinite(lr):
             raise ValueError(f"lr must be a positive number, got {lr}")
@@ -72,6 +82,7 @@ class Classifier(L.LightningModule):
         self.net = get_network(network, channels, num_classes, image_size)
         reset_parameters(self.net, torch.Generator().manual_seed(seed))
         self.dsa = DSA(dsa) if dsa not in ("", "none") else None
+        self.dc_augment = DCAugment(dc_augment) if self.dsa is None else None
         self._generator = torch.Generator().manual_seed(seed + 1)
         # no sync: under DDP each rank trains its own networks, and a metric syncing on the
         # world group would pair with the other ranks' collectives (a hang)
@@ -84,6 +95,8 @@ class Classifier(L.LightningModule):
         x, y = batch
         if self.dsa is not None:
             x = self.dsa(x, generator=self._generator)
+        elif self.dc_augment is not None and self.dc_augment.enabled:
+            x = self.dc_augment(x, generator=self._generator)
         logits = self.net(x)
         if y.is_floating_point():  # soft labels (logits)
             loss = torch.sum(-F.softmax(y, dim=1) * F.log_softmax(logits.float(), dim=1), dim=1).mean()
@@ -100,10 +113,22 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                    weight_decay=hp.weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [hp.epochs // 2], gamma=0.1)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
+                               weight_decay=hp.weight_decay)
+
+    def on_train_epoch_end(self) -> None:
+        # the authors' lr_schedule = [E // 2 + 1]: after that epoch a new SGD at lr x0.1, which
+        # is the same optimiser with its state (the momentum buffers) dropped
+        if self.drops_lr and self.current_epoch == self.hparams.epochs // 2 + 1:
+            optimizer = self.optimizers().optimizer
+            optimizer.state.clear()
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.1
+
+    @property
+    def training_epochs(self) -> int:
+        """The epochs the protocol trains: ``E + 1``."""
+        return self.hparams.epochs + 1
 
 
 class UnrolledClassifier(Classifier):
@@ -121,12 +146,15 @@ class UnrolledClassifier(Classifier):
         seed: Seed of the random initialisation.
     """
 
+    drops_lr = False
+
     def __init__(self, network: str, channels: int, num_classes: int, image_size: int,
                  lrs: list[float], initial: dict[str, torch.Tensor] | None = None, seed: int = 0) -> None:
         super().__init__(network, channels, num_classes, image_size, lr=1.0, epochs=1, momentum=0.0,
                          weight_decay=0.0, dsa="none", seed=seed)
         if not lrs:
             raise ValueError("the DD protocol needs at least one learning rate")
+        xavier_init(self.net, torch.Generator().manual_seed(seed))  # DD's random weights
         self.lrs = [float(lr) for lr in lrs]
         if initial is not None:
             names = {name for name, _ in self.net.named_parameters()}
@@ -277,16 +305,19 @@ def _evaluation_trainer(max_epochs: int, accelerator: str, device: str | torch.d
 def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "ConvNet",
                    epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
                    batch_size: int = 256, seed: int = 0, accelerator: str = "auto",
-                   precision: str | None = None, device: str | torch.device | None = None) -> float:
-    """Train one fresh ``arch`` on ``synthetic`` and return its real test accuracy (0-1)."""
+                   precision: str | None = None, device: str | torch.device | None = None,
+                   dc_augment: str = "none") -> float:
+    """Train one fresh ``arch`` on ``synthetic`` with the protocol (``E = epochs``, so
+    ``epochs + 1`` epochs) and return its real test accuracy (0-1)."""
     check_zca(synthetic, real)
     if lr is None:
         lr = float(synthetic.lr.reshape(-1)[-1]) if synthetic.lr is not None else 0.01
     c, h, _ = synthetic.image_shape
-    model = Classifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs, dsa=dsa, seed=seed)
+    model = Classifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs, dsa=dsa, seed=seed,
+                       dc_augment=dc_augment)
     data = DistilledDataModule(synthetic, batch_size=batch_size, real=real, seed=seed + 2)
     with _quiet_lightning(), _seeded(seed + 3):
-        trainer = _evaluation_trainer(epochs, accelerator, device, precision)
+        trainer = _evaluation_trainer(model.training_epochs, accelerator, device, precision)
         trainer.fit(model, datamodule=data)
         (metrics,) = trainer.test(model, datamodule=data, verbose=False)
     return float(metrics["test_acc"])
@@ -331,20 +362,32 @@ def _all_gather_accuracies(local: dict[int, float], world_size: int) -> dict[int
     return merged
 
 
-def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[str] | tuple[str, ...] = ("ConvNet",),
-             runs: int = 5, epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
+def dc_augment_for(dataset: str, arch: str) -> str:
+    """The authors' ``get_daparam``: DC's augmentation for training ``arch`` on a non-DSA set of
+    ``dataset``: ``crop_noise`` for a BatchNorm ConvNet, ``crop_scale_rotate`` on MNIST, else
+    none (their code then trains 1000 epochs instead of 300)."""
+    if arch.lower() == "convnetbn":
+        return "crop_noise"
+    return "crop_scale_rotate" if dataset == "MNIST" else "none"
+
+
+def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealDataModule,
+             archs: list[str] | tuple[str, ...] = ("ConvNet",), runs: int = 20,
+             epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
              baseline: bool = True, ipc: int | None = None, seed: int = 0,
              accelerator: str = "auto", precision: str | None = None,
              protocol: str = "auto", progress: bool = True, device: str | torch.device | None = None,
-             rank: int = 0, world_size: int = 1) -> EvalReport:
-    """Evaluate a synthetic set (and the random-real baseline) over ``runs`` fresh networks per arch.
+             rank: int = 0, world_size: int = 1, dc_augment: str = "none") -> EvalReport:
+    """Evaluate a synthetic set (or several) and the random-real baseline over fresh networks.
 
     Args:
-        synthetic: The distilled set (``None`` to evaluate only the baseline).
+        synthetic: The distilled set, or several sets of one method and IPC (the papers' ``num_exp``
+            distilled sets: their networks are pooled into one row, mean and std over all of
+            them), or ``None`` to evaluate only the baseline.
         real: The real dataset (its test split is the test set; its train split feeds the baseline).
         archs: Architectures to train.
-        runs: Fresh networks per (set, architecture).
-        epochs: Training epochs per network.
+        runs: Fresh networks per (set, architecture) (the DC/DM papers' ``num_eval``: 20).
+        epochs: The protocol's ``E`` (``E + 1`` epochs are trained, as the authors').
         lr: Learning rate (default: the set's learned lr, else 0.01).
         dsa: DSA strategy during training ("none" to disable).
         baseline: Also evaluate ``ipc`` random real images per class (a new draw each run).
@@ -363,58 +406,74 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
             ``j % world_size``) and their accuracies all-gathered: every process must call
             :func:`evaluate` with the same arguments, and every one returns the whole report.
             The same seeds give the same report whatever ``world_size``.
+        dc_augment: DC's own augmentation of the training batches when ``dsa`` is ``none``
+            (:class:`ld3m.augment.DCAugment`): a strategy such as ``crop_scale_rotate``,
+            ``"auto"`` for the authors' choice per dataset and network (:func:`dc_augment_for`),
+            or ``"none"``.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    many = [] if synthetic is None else list(synthetic) if isinstance(synthetic, list | tuple) else [synthetic]
+    if len({(s.method, s.ipc, s.dataset) for s in many}) > 1:
+        raise ValueError("the sets evaluated together must share their method, IPC and dataset, "
+                         f"got {sorted({(s.method, s.ipc, s.dataset) for s in many})}")
+    first = many[0] if many else None
     if protocol == "auto":
-        protocol = "dd" if synthetic is not None and "dd" in synthetic.meta else "standard"
+        protocol = "dd" if first is not None and "dd" in first.meta else "standard"
     if protocol == "dd":
-        if synthetic is None:
+        if first is None:
             raise ValueError("the DD protocol needs a DD synthetic set")
-        dd = dd_settings(synthetic)
+        dd = dd_settings(first)
         if list(archs) != [dd["network"]]:
             log.warning("DD protocol: training %s (the set's network), not %s",
                         dd["network"], ", ".join(archs))
         archs = [dd["network"]]
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
-    if synthetic is None and not baseline:
+    if first is None and not baseline:
         raise ValueError("nothing to evaluate: no synthetic set and baseline=False")
-    if synthetic is not None and synthetic.dataset not in ("unknown", real.dataset_name):
-        raise ValueError(f"the synthetic set was distilled from {synthetic.dataset}, "
-                         f"not {real.dataset_name}")
-    if synthetic is not None:
-        check_zca(synthetic, real)
-    ipc = ipc or (synthetic.ipc if synthetic is not None else 0)
+    for one in many:
+        if one.dataset not in ("unknown", real.dataset_name):
+            raise ValueError(f"the synthetic set was distilled from {one.dataset}, "
+                             f"not {real.dataset_name}")
+        check_zca(one, real)
+    ipc = ipc or (first.ipc if first is not None else 0)
     if baseline and ipc < 1:
         raise ValueError("the random-real baseline needs ipc >= 1")
-    sets = []
+    sets: list[tuple[str, SyntheticSet | None, int]] = []  # (row, set, index among the row's)
     if baseline:
-        sets.append((f"random real (IPC {ipc})", None))
-    if synthetic is not None:
-        sets.append((f"{synthetic.method} (IPC {synthetic.ipc})", synthetic))
-    jobs = [(arch, name, syn, run) for arch in archs for name, syn in sets for run in range(runs)]
+        sets.append((f"random real (IPC {ipc})", None, 0))
+    if first is not None:
+        name = f"{first.method} (IPC {first.ipc}{f', {len(many)} sets' if len(many) > 1 else ''})"
+        sets += [(name, one, k) for k, one in enumerate(many)]
+    jobs = [(arch, name, syn, k, run) for arch in archs for name, syn, k in sets
+            for run in range(runs)]
     mine = [j for j in range(len(jobs)) if j % world_size == rank]
     where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
     bar = tqdm(total=len(mine), desc=f"evaluation{where}", unit="network", disable=not progress,
                leave=False)
     accuracies: dict[int, float] = {}
     for j in mine:
-        arch, name, syn, run = jobs[j]
+        arch, name, syn, k, run = jobs[j]
+        net_seed = seed + run + 1000 * k
         data = syn if syn is not None else random_real_set(real, ipc, seed=seed + 7919 * run)
         if protocol == "dd":  # the baseline gets the set's learned steps and initial weights
             data = data if syn is not None else replace(
-                data, lr=synthetic.lr, extra=synthetic.extra, meta=synthetic.meta)
-            acc = train_and_test_dd(data, real, seed=seed + run, run=run, accelerator=accelerator,
+                data, lr=first.lr, extra=first.extra, meta=first.meta)
+            acc = train_and_test_dd(data, real, seed=net_seed, run=run, accelerator=accelerator,
                                     precision=precision, device=device)
         else:
+            augment = dc_augment_for(real.dataset_name, arch) if dc_augment == "auto" else dc_augment
             acc = train_and_test(data, real, arch, epochs=epochs,
-                                 lr=lr if syn is not None else 0.01, dsa=dsa, seed=seed + run,
-                                 accelerator=accelerator, precision=precision, device=device)
+                                 lr=lr if syn is not None else 0.01, dsa=dsa, seed=net_seed,
+                                 accelerator=accelerator, precision=precision, device=device,
+                                 dc_augment=augment)
         accuracies[j] = acc
-        log.info("%s on %s, run %d/%d%s: %.2f%%", arch, name, run + 1, runs, where, 100 * acc)
+        which = f", set {k + 1}" if syn is not None and len(many) > 1 else ""
+        log.info("%s on %s%s, run %d/%d%s: %.2f%%", arch, name, which, run + 1, runs, where,
+                 100 * acc)
         bar.set_postfix_str(f"{arch} on {name}: {100 * acc:.2f}%")
         bar.update()
     bar.close()
@@ -422,11 +481,12 @@ def evaluate(synthetic: SyntheticSet | None, real: RealDataModule, archs: list[s
         accuracies = _all_gather_accuracies(accuracies, world_size)
     results = []
     for arch in archs:
-        for name, _ in sets:
+        for name in dict.fromkeys(row for row, _, _ in sets):
             results.append(EvalResult(name, arch, [accuracies[j] for j, job in enumerate(jobs)
                                                    if job[0] == arch and job[1] == name]))
     settings = {"archs": list(archs), "runs": runs, "epochs": epochs, "dsa": dsa, "ipc": ipc,
-                "dataset": real.dataset_name, "precision": precision, "protocol": protocol}
+                "dataset": real.dataset_name, "precision": precision, "protocol": protocol,
+                "sets": len(many), "dc_augment": dc_augment}
     if protocol == "dd":
         settings.update(epochs=dd["epochs"], dsa="none", protocol_note=(
             f"{runs} x DD protocol ({dd['steps']} steps x {dd['epochs']} epochs, learned lrs, "

@@ -25,15 +25,20 @@ __all__ = [
     "NETWORK_NAMES",
     "AlexNet",
     "ConvNet",
+    "LeNet",
+    "MLP",
     "ResNet18",
+    "ResNet18AP",
     "VGG11",
     "get_network",
     "has_batchnorm",
     "reset_parameters",
+    "xavier_init",
 ]
 
-_NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
+_NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 _POOLINGS = ("avg", "max", "none")
+_ACTIVATIONS = ("relu", "sigmoid", "leakyrelu", "swish")
 
 
 def _size_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -47,22 +52,48 @@ def _size_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
-def _first_padding(h: int, w: int) -> tuple[int, int]:
-    """Padding of a first 3x3 conv: 3 on a 28 px side (so it becomes 32), else 1."""
-    return (3 if h == 28 else 1, 3 if w == 28 else 1)
+def _first_padding(channels: int) -> int:
+    """Padding of a first 3x3 conv, as the authors': 3 for one-channel input (28 px grey images
+    become 32 px features; 32 px ones 36), else 1."""
+    return 3 if channels == 1 else 1
 
 
-def _make_norm(norm: str, channels: int, allowed: tuple[str, ...] = _NORMS) -> nn.Module:
-    """Build the normalisation layer called ``norm`` for ``channels`` channels."""
+def _make_norm(norm: str, shape: tuple[int, int, int],
+               allowed: tuple[str, ...] = _NORMS) -> nn.Module:
+    """The normalisation layer ``norm`` for features of ``shape`` ``(C, H, W)``: instance norm is
+    ``GroupNorm(C, C)``, group norm ``GroupNorm(4, C)``, layer norm ``LayerNorm([C, H, W])``
+    (one affine weight per element), as in the authors' ConvNet."""
     if norm not in allowed:
         raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(allowed)}")
+    channels = shape[0]
     if norm == "instancenorm":
         return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "groupnorm":
+        return nn.GroupNorm(4, channels, affine=True)
     if norm == "layernorm":
-        return nn.GroupNorm(1, channels, affine=True)
+        return nn.LayerNorm(list(shape), elementwise_affine=True)
     if norm == "batchnorm":
         return nn.BatchNorm2d(channels)
     return nn.Identity()
+
+
+class Swish(nn.Module):
+    """``x * sigmoid(x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+def _make_activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(_ACTIVATIONS)}")
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "leakyrelu":
+        return nn.LeakyReLU(negative_slope=0.01)
+    return Swish()
 
 
 def _check_spatial(h: int, w: int, where: str) -> None:
@@ -89,9 +120,9 @@ class _FeaturesThenLinear(nn.Module):
 class ConvNet(_FeaturesThenLinear):
     """The standard dataset-distillation ConvNet.
 
-    ``depth`` blocks of ``Conv2d(3x3) -> norm -> ReLU -> pool(2)`` followed by a
-    linear classifier. For 28 px inputs the first conv pads by 3 so features
-    start at 32x32.
+    ``depth`` blocks of ``Conv2d(3x3) -> norm -> activation -> pool(2)`` followed by a linear
+    classifier. The first conv pads by 3 when the input has one channel (so 28 px grey images
+    give 32 px features), by 1 otherwise, as the authors' code.
 
     Args:
         channels: Number of input channels.
@@ -99,8 +130,9 @@ class ConvNet(_FeaturesThenLinear):
         image_size: Input size, an int or ``(H, W)``.
         depth: Number of conv blocks (at least 1).
         width: Number of channels of every conv.
-        norm: One of ``"instancenorm"``, ``"batchnorm"``, ``"layernorm"``, ``"none"``.
-        pooling: One of ``"avg"``, ``"max"``, ``"none"``.
+        norm: ``"instancenorm"``, ``"batchnorm"``, ``"layernorm"``, ``"groupnorm"`` or ``"none"``.
+        pooling: ``"avg"``, ``"max"`` or ``"none"``.
+        activation: ``"relu"``, ``"sigmoid"``, ``"leakyrelu"`` or ``"swish"``.
     """
 
     def __init__(
@@ -112,6 +144,7 @@ class ConvNet(_FeaturesThenLinear):
         width: int = 128,
         norm: str = "instancenorm",
         pooling: str = "avg",
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -119,15 +152,14 @@ class ConvNet(_FeaturesThenLinear):
         if pooling not in _POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(_POOLINGS)}")
         h, w = _size_hw(image_size)
-        pad = _first_padding(h, w)
         layers: list[nn.Module] = []
         in_ch = channels
         for i in range(depth):
-            p = pad if i == 0 else (1, 1)
+            p = _first_padding(channels) if i == 0 else 1
             layers.append(nn.Conv2d(in_ch, width, kernel_size=3, padding=p))
-            layers.append(_make_norm(norm, width))
-            layers.append(nn.ReLU(inplace=True))
-            h, w = h + 2 * p[0] - 2, w + 2 * p[1] - 2
+            h, w = h + 2 * p - 2, w + 2 * p - 2
+            layers.append(_make_norm(norm, (width, h, w)))
+            layers.append(_make_activation(activation))
             if pooling == "avg":
                 layers.append(nn.AvgPool2d(kernel_size=2, stride=2))
             elif pooling == "max":
@@ -142,7 +174,8 @@ class ConvNet(_FeaturesThenLinear):
 
 
 class AlexNet(_FeaturesThenLinear):
-    """AlexNet adapted to 28-64 px images (five convs, three max-pools).
+    """AlexNet adapted to small images (five convs, three max-pools); the first 5x5 conv pads
+    by 4 for one-channel input and by 2 otherwise, as the authors'.
 
     Args:
         channels: Number of input channels.
@@ -151,9 +184,9 @@ class AlexNet(_FeaturesThenLinear):
         norm: ``"none"``, ``"batchnorm"`` or ``"instancenorm"``, inserted after each conv.
     """
 
-    # (out_channels, kernel, padding, pool_after)
+    # (out_channels, kernel, padding (None: the first conv's rule), pool_after)
     _CFG = (
-        (128, 5, 4, True),
+        (128, 5, None, True),
         (192, 5, 2, True),
         (256, 3, 1, False),
         (192, 3, 1, False),
@@ -172,10 +205,12 @@ class AlexNet(_FeaturesThenLinear):
         layers: list[nn.Module] = []
         in_ch = channels
         for out_ch, k, p, pool in self._CFG:
+            p = (4 if channels == 1 else 2) if p is None else p
             layers.append(nn.Conv2d(in_ch, out_ch, kernel_size=k, padding=p))
-            layers.append(_make_norm(norm, out_ch, allowed=("batchnorm", "instancenorm", "none")))
-            layers.append(nn.ReLU(inplace=True))
             h, w = h + 2 * p - k + 1, w + 2 * p - k + 1
+            layers.append(_make_norm(norm, (out_ch, h, w),
+                                     allowed=("batchnorm", "instancenorm", "none")))
+            layers.append(nn.ReLU(inplace=True))
             if pool:
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 h, w = h // 2, w // 2
@@ -187,12 +222,13 @@ class AlexNet(_FeaturesThenLinear):
 
 
 class VGG11(_FeaturesThenLinear):
-    """VGG-11 for small images (3x3 convs, norm, ReLU, five max-pools).
+    """VGG-11 for small images (3x3 convs, norm, ReLU, five max-pools); the first conv pads by 3
+    for one-channel input, as the authors'.
 
     Args:
         channels: Number of input channels.
         num_classes: Number of output classes.
-        image_size: Input size, an int or ``(H, W)``; 28 px sides are padded to 32.
+        image_size: Input size, an int or ``(H, W)``.
         norm: ``"instancenorm"``, ``"batchnorm"`` or ``"none"``, after each conv.
     """
 
@@ -207,8 +243,6 @@ class VGG11(_FeaturesThenLinear):
     ) -> None:
         super().__init__()
         h, w = _size_hw(image_size)
-        pad = _first_padding(h, w)
-        h, w = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
         layers: list[nn.Module] = []
         in_ch = channels
         for item in self._CFG:
@@ -217,9 +251,11 @@ class VGG11(_FeaturesThenLinear):
                 h, w = h // 2, w // 2
                 _check_spatial(h, w, f"VGG11(image_size={image_size!r})")
                 continue
-            p = pad if not layers else (1, 1)
+            p = _first_padding(channels) if not layers else 1
             layers.append(nn.Conv2d(in_ch, item, kernel_size=3, padding=p))
-            layers.append(_make_norm(norm, item, allowed=("instancenorm", "batchnorm", "none")))
+            h, w = h + 2 * p - 2, w + 2 * p - 2
+            layers.append(_make_norm(norm, (item, h, w),
+                                     allowed=("instancenorm", "batchnorm", "none")))
             layers.append(nn.ReLU(inplace=True))
             in_ch = item
         self.features = nn.Sequential(*layers)
@@ -227,25 +263,100 @@ class VGG11(_FeaturesThenLinear):
         self.classifier = nn.Linear(self.feat_dim, num_classes)
 
 
-class _BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 convs with a (projected) identity shortcut."""
+class LeNet(nn.Module):
+    """LeNet-5 as in DD's and DC's code: two 5x5 convs (the first padded by 2 for one-channel
+    input) with max-pools, then 120 and 84 hidden units.
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str) -> None:
+    Args:
+        channels: Number of input channels.
+        num_classes: Number of output classes.
+        image_size: Input size, an int or ``(H, W)``.
+    """
+
+    def __init__(self, channels: int, num_classes: int,
+                 image_size: int | tuple[int, int] = 32) -> None:
+        super().__init__()
+        h, w = _size_hw(image_size)
+        p = 2 if channels == 1 else 0
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 6, kernel_size=5, padding=p), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+        h, w = ((h + 2 * p - 4) // 2 - 4) // 2, ((w + 2 * p - 4) // 2 - 4) // 2
+        _check_spatial(h, w, f"LeNet(image_size={image_size!r})")
+        self.hidden = nn.Sequential(nn.Linear(16 * h * w, 120), nn.ReLU(inplace=True),
+                                    nn.Linear(120, 84), nn.ReLU(inplace=True))
+        self.feat_dim = 84
+        self.classifier = nn.Linear(84, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 84 hidden units before the classifier."""
+        return self.hidden(self.features(x).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class MLP(nn.Module):
+    """Two hidden layers of 128 ReLU units on the flattened image, as the authors' MLP.
+
+    Args:
+        channels: Number of input channels.
+        num_classes: Number of output classes.
+        image_size: Input size, an int or ``(H, W)``.
+    """
+
+    def __init__(self, channels: int, num_classes: int,
+                 image_size: int | tuple[int, int] = 32) -> None:
+        super().__init__()
+        h, w = _size_hw(image_size)
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(channels * h * w, 128),
+                                    nn.ReLU(inplace=True), nn.Linear(128, 128),
+                                    nn.ReLU(inplace=True))
+        self.feat_dim = 128
+        self.classifier = nn.Linear(128, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 128 units of the second hidden layer."""
+        return self.hidden(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with a (projected) identity shortcut. ``avg_pool``: the
+    authors' ``_AP`` variant, a stride-1 conv followed by a 2x2 average pool instead of a
+    stride-2 conv (in the shortcut too)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str,
+                 avg_pool: bool = False) -> None:
         super().__init__()
         allowed = ("instancenorm", "batchnorm")
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = _make_norm(norm, out_ch, allowed)
+        self.stride, self.avg_pool = stride, avg_pool
+        conv_stride = 1 if avg_pool else stride
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=conv_stride, padding=1, bias=False)
+        self.norm1 = _make_norm(norm, (out_ch, 1, 1), allowed)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
-        self.norm2 = _make_norm(norm, out_ch, allowed)
+        self.norm2 = _make_norm(norm, (out_ch, 1, 1), allowed)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
-                _make_norm(norm, out_ch, allowed),
-            )
+            if avg_pool:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_ch, out_ch, 1, stride=1, bias=False),
+                    nn.AvgPool2d(kernel_size=2, stride=2),
+                    _make_norm(norm, (out_ch, 1, 1), allowed))
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                    _make_norm(norm, (out_ch, 1, 1), allowed))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.norm1(self.conv1(x)))
+        if self.avg_pool and self.stride != 1:
+            out = nn.functional.avg_pool2d(out, kernel_size=2, stride=2)
         out = self.norm2(self.conv2(out))
         return torch.relu(out + self.shortcut(x))
 
@@ -261,6 +372,8 @@ class ResNet18(nn.Module):
         norm: ``"instancenorm"`` or ``"batchnorm"``.
     """
 
+    avg_pool = False
+
     def __init__(
         self,
         channels: int,
@@ -269,79 +382,90 @@ class ResNet18(nn.Module):
         norm: str = "instancenorm",
     ) -> None:
         super().__init__()
-        _size_hw(image_size)
+        h, w = _size_hw(image_size)
         self.stem = nn.Sequential(
             nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False),
-            _make_norm(norm, 64, ("instancenorm", "batchnorm")),
+            _make_norm(norm, (64, h, w), ("instancenorm", "batchnorm")),
             nn.ReLU(inplace=True),
         )
         blocks: list[nn.Module] = []
         in_ch = 64
         for out_ch, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks.append(_BasicBlock(in_ch, out_ch, stride, norm))
-            blocks.append(_BasicBlock(out_ch, out_ch, 1, norm))
+            blocks.append(_BasicBlock(in_ch, out_ch, stride, norm, self.avg_pool))
+            blocks.append(_BasicBlock(out_ch, out_ch, 1, norm, self.avg_pool))
             in_ch = out_ch
+            if stride != 1:
+                h, w = (h // 2, w // 2) if self.avg_pool else ((h + 1) // 2, (w + 1) // 2)
+        _check_spatial(h, w, f"{type(self).__name__}(image_size={image_size!r})")
         self.layers = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feat_dim = 512
-        self.classifier = nn.Linear(512, num_classes)
+        self.pool = nn.Identity() if self.avg_pool else nn.AdaptiveAvgPool2d(1)
+        self.feat_dim = 512 * h * w if self.avg_pool else 512
+        self.classifier = nn.Linear(self.feat_dim, num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Return pooled features of shape ``(B, 512)``."""
+        """Return the features before the classifier, flattened."""
         return self.pool(self.layers(self.stem(x))).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
 
 
-# name -> (class, keyword arguments); "depth": None means "pick from image size".
+class ResNet18AP(ResNet18):
+    """The authors' ``ResNet18_AP``: ResNet-18 whose downsampling is a stride-1 conv and a 2x2
+    average pool, with the whole final map flattened into the classifier (no global pooling)."""
+
+    avg_pool = True
+
+
+# name -> (class, keyword arguments)
+_CONVNET_VARIANTS: dict[str, dict] = {
+    "ConvNet": {},
+    **{f"ConvNetD{d}": {"depth": d} for d in range(1, 7)},
+    **{f"ConvNetW{w}": {"width": w} for w in (32, 64, 128, 256)},
+    "ConvNetBN": {"norm": "batchnorm"},
+    "ConvNetLN": {"norm": "layernorm"},
+    "ConvNetGN": {"norm": "groupnorm"},
+    "ConvNetNN": {"norm": "none"},
+    "ConvNetIN": {"norm": "instancenorm"},
+    "ConvNetMP": {"pooling": "max"},
+    "ConvNetNP": {"pooling": "none"},
+    "ConvNetAP": {"pooling": "avg"},
+    "ConvNetAS": {"activation": "sigmoid"},
+    "ConvNetAR": {"activation": "relu"},
+    "ConvNetAL": {"activation": "leakyrelu"},
+    "ConvNetASwish": {"activation": "swish"},
+    "ConvNetASwishBN": {"activation": "swish", "norm": "batchnorm"},
+}
 _REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
-    "ConvNet": (ConvNet, {"depth": None}),
-    **{f"ConvNetD{d}": (ConvNet, {"depth": d}) for d in range(1, 7)},
-    "ConvNetW32": (ConvNet, {"depth": None, "width": 32}),
-    "ConvNetW64": (ConvNet, {"depth": None, "width": 64}),
-    "ConvNetW256": (ConvNet, {"depth": None, "width": 256}),
-    "ConvNetBN": (ConvNet, {"depth": None, "norm": "batchnorm"}),
-    "ConvNetLN": (ConvNet, {"depth": None, "norm": "layernorm"}),
-    "ConvNetNN": (ConvNet, {"depth": None, "norm": "none"}),
-    "ConvNetIN": (ConvNet, {"depth": None, "norm": "instancenorm"}),
-    "ConvNetMP": (ConvNet, {"depth": None, "pooling": "max"}),
-    "ConvNetNP": (ConvNet, {"depth": None, "pooling": "none"}),
+    **{name: (ConvNet, kwargs) for name, kwargs in _CONVNET_VARIANTS.items()},
+    "MLP": (MLP, {}),
+    "LeNet": (LeNet, {}),
     "AlexNet": (AlexNet, {"norm": "none"}),
     "AlexNetBN": (AlexNet, {"norm": "batchnorm"}),
     "VGG11": (VGG11, {"norm": "instancenorm"}),
     "VGG11BN": (VGG11, {"norm": "batchnorm"}),
     "ResNet18": (ResNet18, {"norm": "instancenorm"}),
     "ResNet18BN": (ResNet18, {"norm": "batchnorm"}),
+    "ResNet18AP": (ResNet18AP, {"norm": "instancenorm"}),
+    "ResNet18BN_AP": (ResNet18AP, {"norm": "batchnorm"}),
 }
 
 NETWORK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 _BY_LOWER = {name.lower(): name for name in NETWORK_NAMES}
 
 
-def _default_depth(h: int, w: int) -> int:
-    """ConvNet depth for an image size: 3 up to 32 px, 4 to 64, 5 to 128, else 6."""
-    side = max(h, w)
-    if side <= 32:
-        return 3
-    if side <= 64:
-        return 4
-    if side <= 128:
-        return 5
-    return 6
-
-
 def get_network(
     name: str, channels: int, num_classes: int, image_size: int | tuple[int, int]
 ) -> nn.Module:
-    """Build a network by (case-insensitive) name.
+    """Build a network by (case-insensitive) name, as the authors' ``get_network`` names them.
 
     Args:
-        name: One of ``NETWORK_NAMES``, e.g. ``"ConvNet"``, ``"ConvNetD4"``, ``"ResNet18BN"``.
+        name: One of ``NETWORK_NAMES``, e.g. ``"ConvNet"`` (depth 3 at every size, as the
+            authors'), ``"ConvNetD4"`` (64 px, Tiny-ImageNet), ``"ConvNetD5"`` (128 px),
+            ``"ConvNetD6"`` (256 px), ``"ResNet18BN"``, ``"LeNet"``.
         channels: Number of input channels.
         num_classes: Number of output classes.
-        image_size: Input size, an int or ``(H, W)``. Plain ConvNet variants pick
-            their depth from it (3 for <=32 px, 4 for 64, 5 for 128, 6 for 256).
+        image_size: Input size, an int or ``(H, W)``.
 
     Returns:
         The freshly initialised network.
@@ -353,9 +477,6 @@ def get_network(
     if canonical is None:
         raise ValueError(f"unknown network {name!r}; choose one of: {', '.join(NETWORK_NAMES)}")
     cls, kwargs = _REGISTRY[canonical]
-    kwargs = dict(kwargs)
-    if "depth" in kwargs and kwargs["depth"] is None:
-        kwargs["depth"] = _default_depth(*_size_hw(image_size))
     return cls(channels, num_classes, image_size=image_size, **kwargs)
 
 
@@ -399,6 +520,39 @@ def reset_parameters(module: nn.Module, generator: torch.Generator | None = None
                 _uniform_(m.weight, bound, generator)
                 if m.bias is not None:
                     _uniform_(m.bias, 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0, generator)
+            elif isinstance(m, _NORM_TYPES):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    m.reset_running_stats()
+    return module
+
+
+def xavier_init(module: nn.Module, generator: torch.Generator | None = None,
+                gain: float = 1.0) -> nn.Module:
+    """DD's initialisation (ssnl/dataset-distillation, ``--init xavier --init_param 1``): conv
+    and linear weights ``xavier_normal`` with ``gain``, biases 0, norm weights 1 and biases 0.
+    All random numbers come from ``generator`` (the global RNG only when it is ``None``).
+
+    Returns:
+        ``module`` itself.
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(m.weight)
+                std = gain * math.sqrt(2.0 / float(fan_in + fan_out))
+                if generator is None or generator.device == m.weight.device:
+                    m.weight.normal_(0.0, std, generator=generator)
+                else:
+                    draw = torch.empty(m.weight.shape, dtype=m.weight.dtype,
+                                       device=generator.device).normal_(0.0, std,
+                                                                        generator=generator)
+                    m.weight.copy_(draw, non_blocking=True)
+                if m.bias is not None:
+                    m.bias.zero_()
             elif isinstance(m, _NORM_TYPES):
                 if getattr(m, "weight", None) is not None:
                     m.weight.fill_(1.0)

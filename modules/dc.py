@@ -5,7 +5,8 @@ A DC iteration draws a random network and alternates, ``outer_loop`` times, betw
 1. one update of the synthetic images on ``sum_c D(grad_theta CE(net(real_c), c),
    grad_theta CE(net(syn_c), c))``, the real gradients detached and the synthetic ones built
    with a graph back to the images (see :func:`gradient_distance` for ``D``), and
-2. (except after the last update) ``inner_loop`` SGD steps of the network on the synthetic set.
+2. (except after the last update) ``inner_loop`` epochs of the network's SGD on the synthetic
+   set, each a pass in shuffled minibatches of ``batch_train`` (256), as the authors' ``epoch``.
 
 Here one Lightning training step is one image update, so ``max_steps`` counts image updates and
 the published budget of 1000 iterations is ``1000 * outer_loop`` steps. The network lives across
@@ -18,9 +19,10 @@ saved in checkpoints, so a resumed run continues exactly.
 DSA is DC with real-image initialisation and differentiable Siamese augmentation: one draw per
 class, shared by that class's real and synthetic batch, before the gradients are taken.
 
-BatchNorm networks: before matching, the network runs a few real images per class in train mode
-(the running statistics are set from them) and then matches in eval mode, so both sides see the
-same frozen statistics; the inner training runs in train mode (the reference's treatment).
+BatchNorm networks: before matching, the network runs a fresh draw of 16 real images per class in
+train mode (the running statistics are set from them), then only its BatchNorm layers go to eval
+mode, so both sides see the same frozen statistics; the inner training runs in train mode (the
+authors' treatment).
 
 Speed: the per-class gradients are computed class by class (:func:`per_class_gradients` with
 ``vectorised=False``), not with ``torch.func.vmap`` over the classes. Measured with
@@ -60,6 +62,7 @@ BN_IMAGES_PER_CLASS = 16
 # Salts of the rank-independent draws (the Siamese DSA of the matching uses step_generator()).
 _SALT_NETWORK = 1
 _SALT_INNER_DSA = 2
+_SALT_BN = 3
 
 
 def default_loops(ipc: int) -> tuple[int, int]:
@@ -72,12 +75,18 @@ def default_loops(ipc: int) -> tuple[int, int]:
     return LOOPS_BY_IPC[nearest]
 
 
-def gradient_distance(real_grads, syn_grads, batch_dims: int = 0) -> torch.Tensor:
-    """DC's layer-wise gradient distance, summed over parameters.
+#: The distances of the authors' ``match_loss``.
+DISTANCES = ("ours", "mse", "cos")
 
-    A weight tensor is reshaped to ``(out, -1)`` and contributes the sum over its output rows of
-    ``1 - cos(A_i, B_i)`` (the cosine's denominator gets ``+ 1e-6``); a 1-D tensor (a bias, a norm
-    weight) contributes 0.
+
+def gradient_distance(real_grads, syn_grads, batch_dims: int = 0,
+                      metric: str = "ours") -> torch.Tensor:
+    """DC's gradient distance (the authors' ``match_loss``), summed over the pairs.
+
+    ``ours`` (the paper's): layer-wise; a weight tensor is reshaped to ``(out, -1)`` and
+    contributes the sum over its output rows of ``1 - cos(A_i, B_i)`` (the cosine's denominator
+    gets ``+ 1e-6``); a 1-D tensor (a bias, a norm weight) contributes 0. ``mse``: the squared
+    distance of all the gradients as one vector. ``cos``: ``1 - cos`` of those vectors.
 
     Args:
         real_grads: Gradients of the real batch, one tensor per parameter (detached).
@@ -85,13 +94,27 @@ def gradient_distance(real_grads, syn_grads, batch_dims: int = 0) -> torch.Tenso
         batch_dims: Leading dimensions that index independent pairs (e.g. one per class); the
             distances of all pairs are summed. A tensor is "1-D" when it has one dimension after
             them.
+        metric: ``ours``, ``mse`` or ``cos``.
 
     Returns:
         A scalar tensor.
     """
     real_grads, syn_grads = list(real_grads), list(syn_grads)
+    if metric not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {metric!r}")
     if len(real_grads) != len(syn_grads):
         raise ValueError(f"{len(real_grads)} real gradients but {len(syn_grads)} synthetic ones")
+    if metric != "ours":
+        for a, b in zip(real_grads, syn_grads, strict=True):
+            if a.shape != b.shape:
+                raise ValueError(f"gradient shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+        lead = real_grads[0].shape[:batch_dims]
+        a = torch.cat([g.reshape(*lead, -1) for g in real_grads], dim=-1)
+        b = torch.cat([g.reshape(*lead, -1) for g in syn_grads], dim=-1)
+        if metric == "mse":
+            return ((b - a) ** 2).sum()
+        cosine = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-6)
+        return (1 - cosine).sum()
     total = None
     for a, b in zip(real_grads, syn_grads, strict=True):
         if a.shape != b.shape:
@@ -168,14 +191,19 @@ class DC(DistillationModule):
         network: Network whose gradients are matched (see ``ld3m.networks``).
         lr_img: Learning rate of the images (SGD; the paper uses 0.1).
         momentum: Momentum of the images' SGD.
-        lr_net: Learning rate of the network's inner SGD (momentum 0.5) on the synthetic images.
+        lr_net: Learning rate of the network's inner SGD (no momentum) on the synthetic images.
         outer_loop: Image updates per random network (default by IPC, the paper's:
             1 -> 1, 10 -> 10, 20 -> 20, 30 -> 30, 40 -> 40, 50 -> 50; other IPCs take the
             nearest listed IPC's value, a tie the smaller's).
-        inner_loop: Network SGD steps after each image update but the last of a network
-            (default by IPC: 1 -> 1, 10 -> 50, 20 -> 25, 30 -> 20, 40 -> 15, 50 -> 10).
+        inner_loop: Epochs of the network's training on the synthetic set after each image
+            update but the last of a network (default by IPC: 1 -> 1, 10 -> 50, 20 -> 25,
+            30 -> 20, 40 -> 15, 50 -> 10); an epoch is one pass over the set in shuffled batches
+            of ``batch_train``.
         dsa: DSA strategy: one Siamese draw per class for matching, independent draws for the
             inner training; ``"none"`` disables it.
+        batch_train: Batch size of the inner training's epochs (the authors': 256).
+        distance: The gradient distance: ``ours`` (the paper's), ``mse`` or ``cos`` (the other
+            two of the authors' ``match_loss``).
         seed: Seed of the initialisation, the networks and the augmentation draws.
         num_classes: Number of classes (default: from the data module).
         image_shape: ``(C, H, W)`` (default: from the data module).
@@ -183,17 +211,22 @@ class DC(DistillationModule):
 
     method_name = "DC"
     #: Momentum of the network's inner SGD.
-    net_momentum = 0.0  # METHODS.md: plain SGD (lr_net) for the inner training
+    net_momentum = 0.0  # the authors' optimizer_net: SGD(lr=lr_net), no momentum
 
-    def __init__(self, ipc: int = 10, init: str = "noise", network: str = "ConvNet",
+    def __init__(self, ipc: int = 1, init: str = "noise", network: str = "ConvNet",
                  lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  outer_loop: int | None = None, inner_loop: int | None = None, dsa: str = "none",
-                 seed: int = 0, num_classes: int | None = None,
+                 batch_train: int = 256, distance: str = "ours", seed: int = 0,
+                 num_classes: int | None = None,
                  image_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__(ipc=ipc, init=init, lr_img=lr_img, momentum=momentum, seed=seed,
                          num_classes=num_classes, image_shape=image_shape)
         if not (lr_net > 0 and math.isfinite(lr_net)):
             raise ValueError(f"lr_net must be a positive number, got {lr_net}")
+        if batch_train < 1:
+            raise ValueError(f"batch_train must be at least 1, got {batch_train}")
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         if outer_loop is not None and outer_loop < 1:
             raise ValueError(f"outer_loop must be at least 1, got {outer_loop}")
         if inner_loop is not None and inner_loop < 0:
@@ -207,6 +240,7 @@ class DC(DistillationModule):
         self.hparams["outer_loop"], self.hparams["inner_loop"] = self.outer_loop, self.inner_loop
         self.network = network
         self.lr_net = lr_net
+        self.batch_train, self.distance = int(batch_train), distance
         self.dsa = Augment(dsa) if str(dsa).strip().lower() not in ("", "none") else None
         if num_classes is not None and image_shape is not None:
             self.build_network(self.network)  # fail early on a network that does not fit the images
@@ -248,30 +282,46 @@ class DC(DistillationModule):
             return self.new_network(step)
         return self._scratch["net"]
 
-    def _freeze_norm_statistics(self, net: nn.Module, real: torch.Tensor) -> None:
-        """BatchNorm: running statistics from a few real images per class, then eval mode."""
-        if not has_batchnorm(net):
-            net.train()
-            return
+    def _freeze_norm_statistics(self, net: nn.Module, real: torch.Tensor, step: int) -> None:
+        """As the authors': a BatchNorm network sets its running statistics from a fresh draw of
+        ``BN_IMAGES_PER_CLASS`` real images per class in train mode, then only its BatchNorm
+        layers go to eval mode (the same draw on every rank: the network stays identical)."""
         net.train()
+        if not has_batchnorm(net):
+            return
+        fresh = None
+        if self._trainer is not None and hasattr(getattr(self.trainer, "datamodule", None),
+                                                 "sample_per_class"):
+            fresh = self.real_data.sample_per_class(
+                BN_IMAGES_PER_CLASS, self.shared_generator(step, _SALT_BN))
+            fresh = fresh.to(real.device, real.dtype, non_blocking=True)
+        else:  # a helper without data (LD3M's objective): the first images of the batch
+            fresh = real[:, :BN_IMAGES_PER_CLASS]
         with torch.no_grad():
-            net(real[:, :BN_IMAGES_PER_CLASS].flatten(0, 1))
-        net.eval()
+            net(fresh.flatten(0, 1))
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
     def train_network(self, step: int, images: torch.Tensor | None = None) -> None:
-        """``inner_loop`` SGD steps of the network on the (detached) synthetic images (``images``,
-        e.g. LD3M's rendered ones; default: this module's own)."""
+        """``inner_loop`` epochs of the network on the (detached) synthetic images (``images``,
+        e.g. LD3M's rendered ones; default: this module's own): each epoch one pass in shuffled
+        minibatches of ``batch_train``, DSA-augmented when DSA is on, as the authors' ``epoch``."""
         net, opt = self._scratch["net"], self._scratch["opt"]
         net.train()
         generator = self.shared_generator(step, _SALT_INNER_DSA)
         images = (self.images if images is None else images).detach()
         labels = self.labels
+        n = images.shape[0]
         for _ in range(self.inner_loop):
-            x = self.dsa(images, generator=generator) if self.dsa is not None else images
-            loss = F.cross_entropy(net(x), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            order = torch.randperm(n, generator=generator).to(images.device, non_blocking=True)
+            for index in order.split(self.batch_train):
+                x = images[index]
+                x = self.dsa(x, generator=generator) if self.dsa is not None else x
+                loss = F.cross_entropy(net(x), labels[index])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
 
     # ------------------------------------------------------------------------------ the loss
     def matching_loss(self, real: torch.Tensor, net: nn.Module, generator: torch.Generator,
@@ -284,7 +334,7 @@ class DC(DistillationModule):
         k, n = real.shape[:2]
         images = self.images if images is None else images
         syn = images.view(k, self.ipc, *images.shape[1:])
-        self._freeze_norm_statistics(net, real)
+        self._freeze_norm_statistics(net, real, self.global_step)
         if self.dsa is not None:
             pairs = [self.dsa.siamese(real[c], syn[c], generator=generator) for c in range(k)]
             real = torch.stack([r for r, _ in pairs])
@@ -292,7 +342,7 @@ class DC(DistillationModule):
         classes = torch.arange(k, device=real.device).unsqueeze(1)
         real_grads = per_class_gradients(net, real, classes.expand(k, n), create_graph=False)
         syn_grads = per_class_gradients(net, syn, classes.expand(k, self.ipc), create_graph=True)
-        return gradient_distance(real_grads, syn_grads, batch_dims=1)
+        return gradient_distance(real_grads, syn_grads, batch_dims=1, metric=self.distance)
 
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -335,7 +385,9 @@ class DSA(DC):
 
     For every class, one augmentation draw is shared by the real and the synthetic batch before
     their gradients are taken; the inner training of the network augments too (independent
-    draws). Images start from real ones.
+    draws). The defaults are the authors' (their ``main.py``, shared with DC) and, for ``init``
+    and ``dsa``, their documented DSA command (``--init real --method DSA --dsa_strategy
+    color_crop_cutout_flip_scale_rotate``).
 
     Args:
         ipc: Synthetic images per class.
@@ -343,10 +395,13 @@ class DSA(DC):
         network: Network whose gradients are matched (see ``ld3m.networks``).
         lr_img: Learning rate of the images (SGD; the paper uses 0.1).
         momentum: Momentum of the images' SGD.
-        lr_net: Learning rate of the network's inner SGD (momentum 0.5) on the synthetic images.
+        lr_net: Learning rate of the network's inner SGD (no momentum) on the synthetic images.
         outer_loop: Image updates per random network (default by IPC, as DC's).
-        inner_loop: Network SGD steps between image updates (default by IPC, as DC's).
+        inner_loop: Epochs of the network's inner training between image updates (default by
+            IPC, as DC's).
         dsa: DSA strategy (leave out ``flip`` for digits); ``"none"`` makes this DC.
+        batch_train: Batch size of the inner training's epochs (the authors': 256).
+        distance: The gradient distance: ``ours``, ``mse`` or ``cos``.
         seed: Seed of the initialisation, the networks and the augmentation draws.
         num_classes: Number of classes (default: from the data module).
         image_shape: ``(C, H, W)`` (default: from the data module).
@@ -354,11 +409,13 @@ class DSA(DC):
 
     method_name = "DSA"
 
-    def __init__(self, ipc: int = 10, init: str = "real", network: str = "ConvNet",
+    def __init__(self, ipc: int = 1, init: str = "real", network: str = "ConvNet",
                  lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  outer_loop: int | None = None, inner_loop: int | None = None,
-                 dsa: str = DEFAULT_STRATEGY, seed: int = 0, num_classes: int | None = None,
+                 dsa: str = DEFAULT_STRATEGY, batch_train: int = 256, distance: str = "ours",
+                 seed: int = 0, num_classes: int | None = None,
                  image_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__(ipc=ipc, init=init, network=network, lr_img=lr_img, momentum=momentum,
                          lr_net=lr_net, outer_loop=outer_loop, inner_loop=inner_loop, dsa=dsa,
-                         seed=seed, num_classes=num_classes, image_shape=image_shape)
+                         batch_train=batch_train, distance=distance, seed=seed,
+                         num_classes=num_classes, image_shape=image_shape)

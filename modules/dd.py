@@ -39,7 +39,7 @@ from ld3m.modules.base import DistillationModule, check_network_name
 from torch import nn
 
 from ld3m.files import atomic_write
-from ld3m.networks import reset_parameters
+from ld3m.networks import xavier_init
 from ld3m.unrolled import (
     INIT_MODES,
     at_least_float32,
@@ -71,7 +71,8 @@ class DD(DistillationModule):
     Args:
         ipc: Synthetic images per class.
         init: ``"noise"`` (standard normal, DD's) or ``"real"`` (random real images).
-        network: Network trained in the unrolled loop (see ``ld3m.networks``).
+        network: Network trained in the unrolled loop (see ``ld3m.networks``; DD's default,
+            LeNet). Its weights are drawn as DD's: ``xavier_normal`` (gain 1), zero biases.
         steps: Inner gradient steps per epoch; must divide ``ipc`` (default: the largest divisor
             of ``ipc`` up to 10, so IPC 10 -> 10 steps of one image per class).
         epochs: Passes over the steps (DD: 3); ``steps x epochs`` learning rates are learned.
@@ -94,7 +95,7 @@ class DD(DistillationModule):
 
     method_name = "DD"
 
-    def __init__(self, ipc: int = 10, init: str = "noise", network: str = "ConvNet",
+    def __init__(self, ipc: int = 10, init: str = "noise", network: str = "LeNet",
                  steps: int | None = None, epochs: int = 3, lr_init: float = 0.02,
                  lr_img: float = 0.01, betas: tuple[float, float] = (0.5, 0.999),
                  decay_every: int = 0, init_mode: str = "random", pretrained_nets: int = 4,
@@ -179,8 +180,8 @@ class DD(DistillationModule):
         per_class = max(1, PRETRAIN_BATCH // self.num_classes)
         pool = []
         for i in range(self.pretrained_nets):
-            net = reset_parameters(self.build_network(self.network).to(self.device),
-                                   self.shared_generator(i, _SALT_POOL)).train()
+            net = xavier_init(self.build_network(self.network).to(self.device),
+                              self.shared_generator(i, _SALT_POOL)).train()
             opt = torch.optim.SGD(net.parameters(), lr=self.pretrain_lr, momentum=0.9)
             generator = self.shared_generator(i, _SALT_PRETRAIN)
             labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(per_class)
@@ -213,7 +214,7 @@ class DD(DistillationModule):
         if self.init_mode == "random" or self._scratch.get("initial") is not None:
             return
         if self.init_mode == "fixed":
-            net = reset_parameters(self.build_network(self.network), self.shared_generator(0, _SALT_THETA))
+            net = xavier_init(self.build_network(self.network), self.shared_generator(0, _SALT_THETA))
             self._scratch["initial"] = [{n: p.detach().clone() for n, p in net.named_parameters()}]
             return
         # rank 0 reads or trains (and saves) the pool and broadcasts it: the other ranks need no
@@ -246,8 +247,8 @@ class DD(DistillationModule):
     def initial_parameters(self, step: int) -> dict[str, torch.Tensor]:
         """``theta_0`` of ``step`` (the same on every rank), on the module's device."""
         if self.init_mode == "random":
-            net = reset_parameters(self._net(),
-                                   self.device_generator(self.shared_generator(step, _SALT_THETA)))
+            net = xavier_init(self._net(),
+                              self.device_generator(self.shared_generator(step, _SALT_THETA)))
             return {n: p.detach().clone() for n, p in net.named_parameters()}
         initial = self._scratch.get("initial")
         if initial is None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.augment import DSA
-from ld3m.networks import conv_backend, reset_parameters
+from ld3m.networks import conv_backend, has_batchnorm, reset_parameters
 
 
 class DM(DistillationModule):
@@ -43,7 +43,7 @@ class DM(DistillationModule):
     method_name = "DM"
     supports_fp16 = True  # automatic optimisation: Lightning scales the loss
 
-    def __init__(self, ipc: int = 10, init: str = "real", network: str = "ConvNet",
+    def __init__(self, ipc: int = 50, init: str = "real", network: str = "ConvNet",
                  lr_img: float = 1.0, momentum: float = 0.5, dsa: str = DEFAULT_DSA, seed: int = 0,
                  num_classes: int | None = None, image_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__(ipc=ipc, init=init, lr_img=lr_img, momentum=momentum, seed=seed,
@@ -90,10 +90,13 @@ class DM(DistillationModule):
             real = torch.stack([r for r, _ in pairs])
             syn = torch.stack([s for _, s in pairs])
         net = self.embedding_network(generator)
-        # real side: no graph, the faster no-grad backend, chunks bound the activation memory
+        # real side: no graph, the faster no-grad backend, chunks bound the activation memory;
+        # with BatchNorm one forward of every class together, as the authors' (a chunk would
+        # normalise with other statistics)
+        chunk = real.shape[0] * real.shape[1] if has_batchnorm(net) else self.real_chunk
         with torch.no_grad(), conv_backend(self.device):
-            real_emb = torch.cat([net.embed(chunk).float()
-                                  for chunk in real.flatten(0, 1).split(self.real_chunk)])
+            real_emb = torch.cat([net.embed(part).float()
+                                  for part in real.flatten(0, 1).split(chunk)])
         syn_emb = net.embed(syn.flatten(0, 1)).float()
         real_mean = real_emb.view(k, n, -1).mean(1)
         syn_mean = syn_emb.view(k, self.ipc, -1).mean(1)

@@ -60,8 +60,10 @@ def test_sampled_values_in_range() -> None:
     # round(0.125 * 32) = 4 and round(0.125 * 28) = round(3.5) = 4; both extremes are reached
     dx, dy = v["crop"][:, 0], v["crop"][:, 1]
     assert dx.min() == -4 and dx.max() == 4 and dy.min() == -4 and dy.max() == 4
+    # the authors' randint(0, side + (1 - size % 2)): squares of 16 and 14 px (even), so the
+    # centre reaches the far edge itself
     cx, cy = v["cutout"][:, 0], v["cutout"][:, 1]
-    assert cx.min() >= 0 and cx.max() == w - 1 and cy.min() >= 0 and cy.max() == h - 1
+    assert cx.min() == 0 and cx.max() == w and cy.min() == 0 and cy.max() == h
     assert v["color"].min() >= 0 and v["color"].max() < 1
     assert v["flip"].dtype == torch.bool and 0 < v["flip"].sum() < 256
 
@@ -235,13 +237,25 @@ def test_rotate_90_is_counter_clockwise() -> None:
     torch.testing.assert_close(out, torch.rot90(x, 1, dims=(-2, -1)), rtol=0, atol=1e-4)
 
 
-def test_scale_zooms_about_centre() -> None:
+def test_scale_magnifies_by_the_inverse_factor() -> None:
+    """As the authors': s is the affine grid's output-to-input map, so the content is magnified
+    by 1 / s (s = 1.5: a pixel 3 px right of the centre lands 2 px right of it)."""
     x = torch.zeros(1, 1, 9, 9)
     x[..., 4, 4] = 1.0
-    x[..., 4, 6] = 1.0
+    x[..., 4, 7] = 1.0
     out = DSA("scale").apply(x, _params("scale", torch.tensor([[1.5, 1.0]])))
     assert out[0, 0, 4, 4] == pytest.approx(1.0, abs=1e-5)  # the centre is fixed
-    assert out[0, 0, 4, 7] == pytest.approx(1.0, abs=1e-5)  # 2 px right of centre -> 3 px
+    assert out[0, 0, 4, 6] == pytest.approx(1.0, abs=1e-5)
+    assert out[0, 0, 4, 7] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_scale_magnification_distribution() -> None:
+    """s ~ U[1/1.2, 1.2] and magnification 1 / s: mean ln(1.44) / (1.2 - 1/1.2) = 0.9945, zoomed
+    in (1 / s > 1) with probability (1 - 1/1.2) / (1.2 - 1/1.2) = 0.4545."""
+    s = DSA("scale").sample(100_000, (32, 32), _gen(5)).values["scale"].flatten()
+    magnification = 1 / s
+    assert magnification.mean().item() == pytest.approx(0.9945, abs=0.002)
+    assert (magnification > 1).float().mean().item() == pytest.approx(0.4545, abs=0.005)
 
 
 # ------------------------------------------------------- gradients and dtypes

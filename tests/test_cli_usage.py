@@ -58,7 +58,7 @@ def test_a_minimal_yaml_gets_the_methods_defaults(name: str, tmp_path: Path, cap
 def test_the_default_run_and_an_explicit_dataset(capsys) -> None:
     config = _printed_config(capsys)
     assert config["model"]["class_path"] == "ld3m.modules.DM"
-    assert config["model"]["init_args"] == _python_defaults(ld3m.modules.DM)
+    assert config["model"]["init_args"] == {**_python_defaults(ld3m.modules.DM), "ipc": 10}
     assert config["data"]["class_path"] == "ld3m.datamodules.FashionMNIST"
     assert config["data"]["init_args"]["batch_per_class"] == 64  # the CPU-sized default run
     config = _printed_config(capsys, "--data", "mnist", "--model", "DC")

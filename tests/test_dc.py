@@ -147,11 +147,18 @@ def test_bad_arguments(cls, kwargs: dict, match: str) -> None:
 
 
 def test_defaults() -> None:
+    """The authors' argparse defaults (main.py: ipc 1, init noise, lr_img 0.1, lr_net 0.01,
+    batch_train 256, dis_metric ours) and, for DSA, their documented DSA command's."""
     dc, dsa = DC(), DSA()
-    assert (dc.method_name, dc.init, dc.dsa, dc.lr_img, dc.lr_net) == ("DC", "noise", None, 0.1, 0.01)
-    assert (dsa.method_name, dsa.init, dsa.dsa.strategy) == ("DSA", "real", DEFAULT_STRATEGY)
-    assert (dc.outer_loop, dc.inner_loop) == (10, 50)  # IPC 10
-    assert dict(dc.hparams)["outer_loop"] == 10 and dict(dc.hparams)["inner_loop"] == 50
+    assert (dc.method_name, dc.ipc, dc.init, dc.dsa, dc.lr_img, dc.lr_net) == (
+        "DC", 1, "noise", None, 0.1, 0.01)
+    assert (dc.batch_train, dc.distance, dc.momentum, dc.net_momentum) == (256, "ours", 0.5, 0.0)
+    assert (dsa.method_name, dsa.ipc, dsa.init, dsa.dsa.strategy) == ("DSA", 1, "real",
+                                                                       DEFAULT_STRATEGY)
+    assert (dc.outer_loop, dc.inner_loop) == (1, 1)  # IPC 1
+    ten = DC(ipc=10)
+    assert (ten.outer_loop, ten.inner_loop) == (10, 50)
+    assert dict(ten.hparams)["outer_loop"] == 10 and dict(ten.hparams)["inner_loop"] == 50
     assert (DC(ipc=50, outer_loop=3).outer_loop, DC(ipc=50, outer_loop=3).inner_loop) == (3, 10)
     assert DC(ipc=1, inner_loop=0).inner_loop == 0
 
@@ -196,14 +203,85 @@ def test_gradients_reach_every_image(cls, fmnist: FashionMNIST) -> None:
 
 
 def test_batchnorm_statistics_come_from_real_images_then_freeze() -> None:
+    """Without data (LD3M's helper): the first 16 images of the batch; only the BatchNorm
+    layers go to eval mode, the rest of the network stays in train mode (the authors')."""
     model = _model(network="ConvNetBN")
     real = torch.randn(3, 4, *TINY, generator=torch.Generator().manual_seed(0)) + 2.0
     net = model.new_network(0)
     loss = model.matching_loss(real, net, torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and not net.training
-    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert int(bn.num_batches_tracked) == 1, "one statistics pass on the real images, then frozen"
-    assert bn.running_mean.abs().sum() > 0
+    assert torch.isfinite(loss) and net.training
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert int(bns[0].num_batches_tracked) == 1, "one statistics pass on real images, then frozen"
+    assert bns[0].running_mean.abs().sum() > 0
+
+
+def test_batchnorm_statistics_from_a_fresh_draw_of_16_per_class(fmnist) -> None:
+    """With the data module: a fresh draw of 16 real images per class (not the batch's),
+    the same on every rank (from the shared generator of the step)."""
+    from types import SimpleNamespace
+
+    from ld3m.modules.dc import _SALT_BN, _SALT_NETWORK, BN_IMAGES_PER_CLASS
+
+    from ld3m.networks import get_network, reset_parameters
+
+    model = DC(ipc=1, network="ConvNetBN", num_classes=10, image_shape=(1, 28, 28))
+    model._trainer = SimpleNamespace(datamodule=fmnist, global_step=3, global_rank=1,
+                                     world_size=2)
+    net = model.new_network(3)
+    batch = fmnist.sample_per_class(8, torch.Generator().manual_seed(9))
+    model.matching_loss(batch, net, torch.Generator().manual_seed(0))
+    got = [(m.running_mean.clone(), m.running_var.clone()) for m in net.modules()
+           if isinstance(m, torch.nn.BatchNorm2d)]
+    fresh = fmnist.sample_per_class(BN_IMAGES_PER_CLASS, model.shared_generator(3, _SALT_BN))
+    expected = reset_parameters(get_network("ConvNetBN", 1, 10, 28),
+                                model.shared_generator(3, _SALT_NETWORK)).train()
+    with torch.no_grad():
+        expected(fresh.flatten(0, 1))
+    want = [(m.running_mean, m.running_var) for m in expected.modules()
+            if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(got) == len(want) == 3
+    for (mean, var), (mean_want, var_want) in zip(got, want, strict=True):
+        torch.testing.assert_close(mean, mean_want)
+        torch.testing.assert_close(var, var_want)
+    model._trainer = None
+
+
+def test_inner_training_is_epochs_of_minibatches_of_256() -> None:
+    """One inner-loop step is an epoch over the synthetic set in shuffled batches of 256: at
+    IPC 50 on 10 classes (500 images) two SGD steps (256 + 244 images) per epoch."""
+    model = DC(ipc=50, network="ConvNetD1", inner_loop=3, num_classes=10, image_shape=(1, 8, 8))
+    net = model.new_network(0)
+    sizes = []
+    net.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    model.train_network(0)
+    assert sizes == [256, 244] * 3
+    seen = []
+    net._forward_hooks.clear()
+    net.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    model.train_network(1)
+    epoch = torch.cat(seen[:2])  # every image once per epoch, in a shuffled order
+    assert torch.equal(torch.sort(epoch.flatten(1), dim=0).values,
+                       torch.sort(model.images.detach().flatten(1), dim=0).values)
+    assert not torch.equal(epoch, model.images.detach())
+
+
+@pytest.mark.parametrize("metric", ["mse", "cos"])
+def test_the_authors_other_distances(metric: str) -> None:
+    """match_loss's ``mse`` and ``cos``: over all gradients as one vector, per class, summed."""
+    g = torch.Generator().manual_seed(0)
+    real = [torch.randn(3, 4, 2, generator=g), torch.randn(3, 4, generator=g)]
+    syn = [torch.randn(3, 4, 2, generator=g), torch.randn(3, 4, generator=g)]
+    got = gradient_distance(real, syn, batch_dims=1, metric=metric)
+    expected = 0.0
+    for c in range(3):
+        a = torch.cat([real[0][c].flatten(), real[1][c].flatten()])
+        b = torch.cat([syn[0][c].flatten(), syn[1][c].flatten()])
+        expected += ((b - a) ** 2).sum() if metric == "mse" else (
+            1 - (a * b).sum() / (a.norm() * b.norm() + 1e-6))
+    assert got.item() == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="distance"):
+        gradient_distance(real, syn, metric="l1")
 
 
 def test_nan_loss_raises_before_any_update() -> None:

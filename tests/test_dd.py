@@ -80,7 +80,7 @@ def test_step_batches_take_the_same_slot_of_every_class() -> None:
     ({"betas": (1.0, 0.9)}, "betas"),
     ({"decay_every": -1}, "decay_every"),
     ({"pretrained_nets": 0}, "pretrained_nets"),
-    ({"network": "LeNet"}, "unknown network"),
+    ({"network": "LeNet7"}, "unknown network"),
     ({"ipc": 0}, "ipc"),
 ])
 def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
@@ -170,6 +170,27 @@ def test_random_mode_draws_the_same_weights_for_a_step_and_new_ones_for_the_next
     for name in a:
         assert torch.equal(a[name], b[name])
     assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_sampled_networks_are_initialised_as_dds() -> None:
+    """DD's init (ssnl/dataset-distillation, --init xavier --init_param 1): conv and linear
+    weights xavier_normal with gain 1 (std sqrt(2 / (fan_in + fan_out))), biases 0; LeNet is
+    the default network, and the DD protocol's fresh networks are drawn the same way."""
+    assert DD().network == "LeNet"
+    model = DD(ipc=1, network="LeNet", num_classes=10, image_shape=(1, 28, 28))
+    theta = model.initial_parameters(0)
+    net = get_network("LeNet", 1, 10, 28)
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            w, b = theta[f"{name}.weight"], theta[f"{name}.bias"]
+            fan_in = w[0].numel()
+            fan_out = w.shape[0] * w[0, 0].numel() if w.dim() == 4 else w.shape[0]
+            assert w.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.1), name
+            assert abs(w.mean().item()) < 4 * w.std().item() / math.sqrt(w.numel()), name
+            assert torch.all(b == 0), name
+    evaluated = UnrolledClassifier("LeNet", 1, 10, 28, lrs=[0.01], seed=3)
+    assert all(torch.all(m.bias == 0) for m in evaluated.net.modules()
+               if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))
 
 
 # ------------------------------------------------------------------------------ the protocol
@@ -332,16 +353,16 @@ def test_every_dd_recipe_exists_and_follows_the_paper() -> None:
 @pytest.mark.slow
 def test_short_dd_run_beats_noise(data_dir: Path) -> None:
     data = _small_test_split(FashionMNIST(data_dir=str(data_dir), batch_per_class=32))
-    model = DD(ipc=1, init="noise", network=SMALL_NET, seed=0)
-    noise = DD(ipc=1, init="noise", network=SMALL_NET, seed=0, num_classes=10,
+    model = DD(ipc=1, init="noise", network="LeNet", seed=0)
+    noise = DD(ipc=1, init="noise", network="LeNet", seed=0, num_classes=10,
                image_shape=(1, 28, 28))
-    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=150, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
     noise.mean, noise.std, noise.dataset_name = model.mean, model.std, model.dataset_name
     report = evaluate(model.synthetic_set(), data, runs=2, baseline=False, accelerator="cpu")
     start = evaluate(noise.synthetic_set(), data, runs=2, baseline=False, accelerator="cpu")
-    dd_acc = report.get("DD (IPC 1)", SMALL_NET).mean
-    noise_acc = start.get("DD (IPC 1)", SMALL_NET).mean
+    dd_acc = report.get("DD (IPC 1)", "LeNet").mean
+    noise_acc = start.get("DD (IPC 1)", "LeNet").mean
     assert dd_acc > noise_acc + 0.1, (dd_acc, noise_acc)
     assert not math.isnan(dd_acc)

@@ -112,6 +112,26 @@ def test_matching_loss_is_distribution_matching(fmnist: FashionMNIST) -> None:
     assert model.matching_loss(real[:, :2], torch.Generator().manual_seed(7)).item() < 1e-6
 
 
+def test_batchnorm_loss_is_one_forward_of_all_classes(fmnist: FashionMNIST) -> None:
+    """As the authors' BN branch: the real images of every class go through one forward (the
+    batch statistics of all of them), so the chunking of the real batch changes nothing."""
+    model = _dm(network="ConvNetBN", dsa="none")
+    model.initialise(fmnist)
+    real = _real(fmnist)
+    losses = []
+    for chunk in (640, 8):
+        model.real_chunk = chunk
+        losses.append(model.matching_loss(real, torch.Generator().manual_seed(7)).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    net = reset_parameters(get_network("ConvNetBN", 1, 10, (28, 28)),
+                           torch.Generator().manual_seed(7)).train()
+    with torch.no_grad():
+        syn = model.images.view(10, 2, *SHAPE)
+        real_mean = net.embed(real.flatten(0, 1)).view(10, -1, 2048).mean(1)
+        syn_mean = net.embed(syn.flatten(0, 1)).view(10, 2, 2048).mean(1)
+    assert losses[0] == pytest.approx(((real_mean - syn_mean) ** 2).sum().item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("dsa", ["none", DEFAULT_STRATEGY], ids=["no-dsa", "dsa"])
 def test_gradients_reach_every_image(fmnist: FashionMNIST, dsa: str) -> None:
     model = _dm(dsa=dsa)

@@ -55,22 +55,70 @@ def test_convnet_28px_feature_dim() -> None:
     assert net.classifier.in_features == 128 * 4 * 4
 
 
-def test_convnet_auto_depth() -> None:
-    assert _conv_depth(get_network("ConvNet", 3, 10, 28)) == 3
-    assert _conv_depth(get_network("ConvNet", 3, 10, 32)) == 3
+def test_convnet_is_depth_3_at_every_size() -> None:
+    """The authors' ``ConvNet`` is depth 3 whatever the image size; the deeper ones are named."""
+    for size in (28, 32, 64, 128):
+        assert _conv_depth(get_network("ConvNet", 3, 10, size)) == 3
     net = get_network("ConvNetW32", 3, 10, 64)
-    assert _conv_depth(net) == 4
-    assert net.embed(torch.rand(2, 3, 64, 64)).shape == (2, 32 * 4 * 4)
-    assert _conv_depth(get_network("ConvNetW32", 3, 10, (128, 96))) == 5
+    assert _conv_depth(net) == 3
+    assert net.embed(torch.rand(2, 3, 64, 64)).shape == (2, 32 * 8 * 8)
+    assert _conv_depth(get_network("ConvNetD4", 3, 10, 64)) == 4
+    assert _conv_depth(get_network("ConvNetD5", 3, 10, 128)) == 5
     assert _conv_depth(get_network("ConvNetD2", 3, 10, 64)) == 2
+
+
+@pytest.mark.parametrize("name", ["ConvNet", "VGG11"])
+def test_first_conv_pads_by_3_for_one_channel(name: str) -> None:
+    """3 when the input has one channel, whatever its size (so 1x32x32 too), 1 otherwise."""
+    def first(net):
+        return next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+
+    assert first(get_network(name, 1, 10, 28)).padding == (3, 3)
+    assert first(get_network(name, 1, 10, 32)).padding == (3, 3)
+    assert first(get_network(name, 3, 10, 32)).padding == (1, 1)
+    assert first(get_network(name, 3, 10, 64)).padding == (1, 1)
+
+
+def test_alexnet_first_conv_padding() -> None:
+    assert get_network("AlexNet", 1, 10, 28).features[0].padding == (4, 4)
+    assert get_network("AlexNet", 3, 10, 32).features[0].padding == (2, 2)
+    assert get_network("AlexNetBN", 3, 10, 32).features[0].padding == (2, 2)
+    assert get_network("AlexNet", 3, 10, 32).classifier.in_features == 192 * 4 * 4
+
+
+def test_convnet_layernorm_is_per_element() -> None:
+    ln = get_network("ConvNetLN", 3, 10, 32)
+    norms = [m for m in ln.modules() if isinstance(m, nn.LayerNorm)]
+    assert [tuple(m.normalized_shape) for m in norms] == [(128, 32, 32), (128, 16, 16),
+                                                          (128, 8, 8)]
+    assert norms[0].weight.shape == (128, 32, 32)
+    grey = [m for m in get_network("ConvNetLN", 1, 10, 28).modules() if isinstance(m, nn.LayerNorm)]
+    assert tuple(grey[0].normalized_shape) == (128, 32, 32)  # padded 28 -> 32
+    gn = [m for m in get_network("ConvNetGN", 3, 10, 32).modules() if isinstance(m, nn.GroupNorm)]
+    assert gn and all(m.num_groups == 4 for m in gn)
+
+
+def test_the_authors_other_networks() -> None:
+    """The networks of the authors' get_network that cross-architecture tables use."""
+    lenet = get_network("LeNet", 1, 10, 28)
+    assert lenet.features[0].padding == (2, 2) and lenet.hidden[0].in_features == 16 * 5 * 5
+    assert get_network("LeNet", 3, 10, 32).features[0].padding == (0, 0)
+    mlp = get_network("MLP", 1, 10, 28)
+    assert [m.out_features for m in mlp.modules() if isinstance(m, nn.Linear)] == [128, 128, 10]
+    ap = get_network("ResNet18BN_AP", 3, 10, 32)
+    assert ap.classifier.in_features == 512 * 4 * 4 and has_batchnorm(ap)
+    assert get_network("ResNet18BN_AP", 1, 10, 28).classifier.in_features == 512 * 3 * 3
+    assert not any(isinstance(m, nn.Conv2d) and m.stride != (1, 1) for m in ap.modules())
+    acts = {"ConvNetAS": nn.Sigmoid, "ConvNetAL": nn.LeakyReLU, "ConvNetAR": nn.ReLU}
+    for name, kind in acts.items():
+        assert any(isinstance(m, kind) for m in get_network(name, 3, 10, 32).modules())
+    assert any(isinstance(m, nn.AvgPool2d) for m in get_network("ConvNetAP", 3, 10, 32).modules())
 
 
 def test_convnet_non_square_and_variants() -> None:
     net = ConvNet(3, 5, image_size=(32, 64), depth=3, width=16)
     assert net(torch.rand(2, 3, 32, 64)).shape == (2, 5)
     assert net.classifier.in_features == 16 * 4 * 8
-    ln = get_network("ConvNetLN", 3, 10, 32)
-    assert any(isinstance(m, nn.GroupNorm) and m.num_groups == 1 for m in ln.modules())
     mp = get_network("ConvNetMP", 3, 10, 32)
     assert any(isinstance(m, nn.MaxPool2d) for m in mp.modules())
     assert get_network("ConvNetNP", 3, 10, 32).classifier.in_features == 128 * 32 * 32
@@ -80,6 +128,7 @@ def test_alexnet_and_vgg_sizes() -> None:
     assert AlexNet(3, 10, image_size=64)(torch.rand(2, 3, 64, 64)).shape == (2, 10)
     assert AlexNet(1, 10, image_size=28).classifier.in_features == 192 * 4 * 4
     assert VGG11(1, 10, image_size=28, norm="none").classifier.in_features == 512
+    assert VGG11(1, 10, image_size=32, norm="none").classifier.in_features == 512  # 36 px
     assert VGG11(3, 10, image_size=64).classifier.in_features == 512 * 2 * 2
 
 
