@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.evaluation import EvalReport, evaluate
 from ld3m.files import atomic_write
 from ld3m.loggers import log_table
@@ -36,7 +35,8 @@ class PeriodicEvaluation(L.Callback):
         runs: Fresh networks per architecture.
         epochs: The protocol's ``E`` per network (``E + 1`` epochs are trained; the published
             protocol: 1000 with augmentation, 300 without).
-        dsa: DSA strategy during evaluation training ("none" to disable).
+        dsa: DSA strategy during evaluation training ("none" to disable; "auto": the authors'
+            per method, DSA for every method but DC, which gets DC's own augmentation).
         baseline: Also evaluate random real images (same IPC) at the end.
         precision: Precision of the evaluation trainers (default: full precision).
         seed: Seed of the evaluation's draws (networks, augmentation, shuffling, baseline).
@@ -45,7 +45,7 @@ class PeriodicEvaluation(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 0, at_end: bool = True, archs: list[str] | str = "ConvNet",
-                 runs: int = 3, epochs: int = 300, dsa: str = DEFAULT_DSA, baseline: bool = True,
+                 runs: int = 3, epochs: int = 300, dsa: str = "auto", baseline: bool = True,
                  precision: str | None = None, seed: int = 0, dc_augment: str = "none") -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")

@@ -26,8 +26,8 @@ __all__ = ["buffer", "evaluate", "prior"]
 
 
 def evaluate(distilled: list[str] | str, data_dir: str | None = None,
-             archs: list[str] | str = "ConvNet", runs: int = 20, epochs: int = 1000,
-             lr: float | None = None, dsa: str = DEFAULT_DSA, dc_augment: str = "none",
+             archs: list[str] | str = "ConvNet", runs: int = 20, epochs: int | None = None,
+             lr: float | None = None, dsa: str = "auto", dc_augment: str = "none",
              baseline: bool = True, seed: int = 0, accelerator: str = "auto",
              precision: str | None = None, protocol: str = "auto",
              output: str | None = None) -> EvalReport:
@@ -43,9 +43,11 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
         archs: Networks to train, a list or comma-separated (e.g. ConvNet,AlexNet,VGG11,ResNet18).
         runs: Fresh networks per set and architecture (the DC/DM papers': 20).
         epochs: The protocol's ``E``: ``E + 1`` epochs, the lr x0.1 (a new optimiser) after
-            epoch ``E // 2 + 1``, as the authors' (1000 with augmentation, 300 without).
+            epoch ``E // 2 + 1``, as the authors'; default theirs: 1000 with augmentation, 300
+            without.
         lr: Learning rate (default: the set's learned lr, else 0.01).
-        dsa: DSA strategy while training, or ``none``.
+        dsa: DSA strategy while training, ``none``, or ``auto`` (the authors' per method: DSA
+            for every set but DC's, which gets DC's own augmentation).
         dc_augment: With ``--dsa none``: DC's own augmentation (``crop_scale_rotate``,
             ``crop_noise``...), ``auto`` for the authors' choice per dataset and network, or
             ``none``.

@@ -373,7 +373,7 @@ def dc_augment_for(dataset: str, arch: str) -> str:
 
 def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealDataModule,
              archs: list[str] | tuple[str, ...] = ("ConvNet",), runs: int = 20,
-             epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
+             epochs: int | None = None, lr: float | None = None, dsa: str = "auto",
              baseline: bool = True, ipc: int | None = None, seed: int = 0,
              accelerator: str = "auto", precision: str | None = None,
              protocol: str = "auto", progress: bool = True, device: str | torch.device | None = None,
@@ -387,9 +387,12 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
         real: The real dataset (its test split is the test set; its train split feeds the baseline).
         archs: Architectures to train.
         runs: Fresh networks per (set, architecture) (the DC/DM papers' ``num_eval``: 20).
-        epochs: The protocol's ``E`` (``E + 1`` epochs are trained, as the authors').
+        epochs: The protocol's ``E`` (``E + 1`` epochs are trained, as the authors'); ``None``:
+            theirs, per network: 1000 with augmentation (DSA or DC's), 300 without.
         lr: Learning rate (default: the set's learned lr, else 0.01).
-        dsa: DSA strategy during training ("none" to disable).
+        dsa: DSA strategy during training ("none" to disable); ``"auto"``: the authors' per
+            method, DSA's full strategy for every set but DC's, which gets none and DC's own
+            augmentation (``dc_augment="auto"``).
         baseline: Also evaluate ``ipc`` random real images per class (a new draw each run).
         ipc: Images per class of the baseline (default: the set's IPC).
         seed: Base seed of networks, augmentation and baseline draws.
@@ -442,6 +445,14 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
     ipc = ipc or (first.ipc if first is not None else 0)
     if baseline and ipc < 1:
         raise ValueError("the random-real baseline needs ipc >= 1")
+    if dsa == "auto":  # the authors' evaluation per method: DC alone trains without DSA
+        dc_set = first is not None and first.method == "DC"
+        dsa = "none" if dc_set else DEFAULT_DSA
+        dc_augment = "auto" if dc_set and dc_augment == "none" else dc_augment
+    augments = {arch: dc_augment_for(real.dataset_name, arch) if dc_augment == "auto" else dc_augment
+                for arch in archs}
+    arch_epochs = {arch: epochs if epochs is not None else (
+        1000 if dsa not in ("", "none") or augments[arch] != "none" else 300) for arch in archs}
     sets: list[tuple[str, SyntheticSet | None, int]] = []  # (row, set, index among the row's)
     if baseline:
         sets.append((f"random real (IPC {ipc})", None, 0))
@@ -465,11 +476,10 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
             acc = train_and_test_dd(data, real, seed=net_seed, run=run, accelerator=accelerator,
                                     precision=precision, device=device)
         else:
-            augment = dc_augment_for(real.dataset_name, arch) if dc_augment == "auto" else dc_augment
-            acc = train_and_test(data, real, arch, epochs=epochs,
+            acc = train_and_test(data, real, arch, epochs=arch_epochs[arch],
                                  lr=lr if syn is not None else 0.01, dsa=dsa, seed=net_seed,
                                  accelerator=accelerator, precision=precision, device=device,
-                                 dc_augment=augment)
+                                 dc_augment=augments[arch])
         accuracies[j] = acc
         which = f", set {k + 1}" if syn is not None and len(many) > 1 else ""
         log.info("%s on %s%s, run %d/%d%s: %.2f%%", arch, name, which, run + 1, runs, where,
@@ -484,9 +494,9 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
         for name in dict.fromkeys(row for row, _, _ in sets):
             results.append(EvalResult(name, arch, [accuracies[j] for j, job in enumerate(jobs)
                                                    if job[0] == arch and job[1] == name]))
-    settings = {"archs": list(archs), "runs": runs, "epochs": epochs, "dsa": dsa, "ipc": ipc,
+    settings = {"archs": list(archs), "runs": runs, "epochs": arch_epochs, "dsa": dsa, "ipc": ipc,
                 "dataset": real.dataset_name, "precision": precision, "protocol": protocol,
-                "sets": len(many), "dc_augment": dc_augment}
+                "sets": len(many), "dc_augment": augments}
     if protocol == "dd":
         settings.update(epochs=dd["epochs"], dsa="none", protocol_note=(
             f"{runs} x DD protocol ({dd['steps']} steps x {dd['epochs']} epochs, learned lrs, "

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ld3m.augment import DEFAULT_STRATEGY
 from ld3m.cli import main
+from ld3m.evaluation import dc_augment_for
 from ld3m.networks import get_network, reset_parameters
 from ld3m.synthetic import SyntheticSet
 
@@ -455,7 +456,12 @@ def test_recipe_settings(path: Path) -> None:
     assert evaluation["runs"] == 5
     if method == "dc":
         assert (model["init"], model["dsa"]) == ("noise", "none")
-        assert (evaluation["epochs"], evaluation["dsa"]) == (300, "none")
+        names = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10",
+                 "cifar100": "CIFAR100"}
+        augment = dc_augment_for(names[data], "ConvNet")  # the authors' get_daparam
+        assert evaluation.get("dc_augment", "none") == augment
+        assert evaluation["dsa"] == "none"
+        assert evaluation["epochs"] == (300 if augment == "none" else 1000)
     else:
         assert model["init"] == "real" and evaluation["epochs"] == 1000
         assert evaluation.get("dsa", DEFAULT_STRATEGY) != "none"

@@ -112,3 +112,31 @@ def test_several_sets_pool_into_one_row(fmnist: FashionMNIST, tmp_path: Path) ->
     one = evaluate(sets[0], small, archs=["ConvNetD1"], runs=2, epochs=1, dsa="none",
                    baseline=False, progress=False)
     assert one.results[0].accuracies == row.accuracies[:2], "set 1's networks are its own"
+
+
+@pytest.mark.parametrize("method, dataset, arch, dsa, augment, epochs", [
+    ("DC", "FashionMNIST", "ConvNet", "none", "none", 300),
+    ("DC", "MNIST", "ConvNet", "none", "crop_scale_rotate", 1000),
+    ("DC", "FashionMNIST", "ConvNetBN", "none", "crop_noise", 1000),
+    ("DSA", "FashionMNIST", "ConvNet", "color_crop_cutout_flip_scale_rotate", "none", 1000),
+    ("DM", "MNIST", "ConvNet", "color_crop_cutout_flip_scale_rotate", "none", 1000),
+])
+def test_auto_evaluation_is_the_authors_per_method(monkeypatch, fmnist, method: str,
+                                                   dataset: str, arch: str, dsa: str,
+                                                   augment: str, epochs: int) -> None:
+    """``dsa="auto"`` and ``epochs=None`` (the defaults): DC's sets train without DSA, with
+    get_daparam's augmentation, 300 epochs without augmentation and 1000 with; the others DSA
+    and 1000 epochs (main.py / main_DM.py)."""
+    import dataclasses
+
+    import ld3m.evaluation as evaluation
+
+    seen = []
+    monkeypatch.setattr(evaluation, "train_and_test",
+                        lambda data, real, arch, **kw: seen.append((arch, kw)) or 0.5)
+    monkeypatch.setattr(fmnist, "dataset_name", dataset)
+    synthetic = dataclasses.replace(random_real_set(fmnist, ipc=1), method=method, dataset=dataset)
+    evaluate(synthetic, fmnist, archs=[arch], runs=1, baseline=False, progress=False)
+    ((got_arch, kwargs),) = seen
+    assert (got_arch, kwargs["dsa"], kwargs["dc_augment"], kwargs["epochs"]) == (
+        arch, dsa, augment, epochs)
