@@ -42,13 +42,17 @@ class PeriodicEvaluation(L.Callback):
         seed: Seed of the evaluation's draws (networks, augmentation, shuffling, baseline).
         dc_augment: DC's own augmentation when ``dsa`` is ``none`` (e.g. ``crop_scale_rotate``,
             ``auto``: the authors' choice per dataset and network; see ``ld3m.evaluation``).
+        batch_size: Minibatch of the evaluation training (the papers' 256; DATM's recipes 128).
     """
 
     def __init__(self, every_n_steps: int = 0, at_end: bool = True, archs: list[str] | str = "ConvNet",
                  runs: int = 3, epochs: int = 300, dsa: str = "auto", baseline: bool = True,
-                 precision: str | None = None, seed: int = 0, dc_augment: str = "none") -> None:
+                 precision: str | None = None, seed: int = 0, dc_augment: str = "none",
+                 batch_size: int = 256) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if runs < 1 or epochs < 1:
             raise ValueError(f"runs and epochs must be at least 1, got {runs} and {epochs}")
         self.every_n_steps = every_n_steps
@@ -61,6 +65,7 @@ class PeriodicEvaluation(L.Callback):
         self.precision = precision
         self.seed = seed
         self.dc_augment = dc_augment
+        self.batch_size = batch_size
         self.last_report: EvalReport | None = None
         #: ``[{"step", "arch", "mean", "std"}]`` of every evaluation of the synthetic set so far
         self.history: list[dict[str, Any]] = []
@@ -72,7 +77,7 @@ class PeriodicEvaluation(L.Callback):
         report = evaluate(pl_module.synthetic_set(), trainer.datamodule, archs=self.archs,
                           runs=self.runs, epochs=self.epochs, dsa=self.dsa, baseline=baseline,
                           seed=self.seed, precision=self.precision, progress=False,
-                          dc_augment=self.dc_augment,
+                          dc_augment=self.dc_augment, batch_size=self.batch_size,
                           device=pl_module.device, rank=trainer.global_rank,
                           world_size=trainer.world_size)
         self.last_report = report

@@ -8,10 +8,12 @@ Distillation consumes *class-balanced* real batches: every training batch holds 
 images of every class, shaped ``(classes, n, C, H, W)``. Under DDP each rank draws its
 own batches (the stream is seeded by ``seed`` and the rank).
 
-``zca=True`` whitens every image (after the mean/std normalisation) with kornia's ZCA
-(``eps`` 0.1 by default, fitted on the whole training split, as MTT's CIFAR-10 recipes did).
+``zca=True`` whitens every image with kornia's ZCA as MTT's and DATM's code does: the raw
+``[0, 1]`` pixels, without the mean/std normalisation before or after (the module's ``mean`` and
+``std`` are then 0 and 1), ``eps`` 0.1 by default, fitted on the whole training split.
 Everything the module serves is then whitened: class-balanced batches, samples, the plain
-loaders and the test set, so expert buffers, distilled sets and their evaluation agree.
+loaders and the test set, so expert buffers, distilled sets and their evaluation agree; their
+record of it (:attr:`RealDataModule.zca_settings`) refuses data whitened otherwise.
 """
 
 from __future__ import annotations
@@ -34,6 +36,23 @@ from ld3m.files import atomic_write
 _CACHE_LIMIT_BYTES = 2 << 30
 #: ZCA needs a D x D matrix (D = C * H * W): refuse beyond 64 x 64 grey / 36 x 36 colour.
 ZCA_MAX_DIM = 4096
+#: What the ZCA is fitted on and applied to, as recorded in ``zca_settings``: the raw [0, 1] pixels.
+ZCA_INPUT = "pixels"
+
+
+def describe_zca(zca: dict | None) -> str:
+    """A ``zca_settings`` record in words, for the messages that refuse mismatched whitening."""
+    if not zca:
+        return "not whitened"
+    if zca.get("input") != ZCA_INPUT:
+        return (f"ZCA-whitened (eps {zca.get('eps')}) after the mean/std normalisation, an earlier "
+                "ld3m's transform that ld3m no longer applies (make it again)")
+    return f"ZCA-whitened (eps {zca['eps']}, raw pixels)"
+
+
+def zca_flags(zca: dict | None) -> str:
+    """The data flags that give the whitening ``zca`` records."""
+    return f"--data.zca true --data.zca_eps {zca['eps']}" if zca else "--data.zca false"
 
 
 def default_data_dir() -> str:
@@ -60,7 +79,8 @@ class RealDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (0 is fastest for cached datasets).
         download: Let torchvision download the dataset when it is missing.
         seed: Seed of the class-balanced stream (each DDP rank adds its rank).
-        zca: Whiten the images with ZCA fitted on the training split (MTT's CIFAR-10 recipes).
+        zca: Whiten the raw ``[0, 1]`` pixels with ZCA fitted on the training split, instead of
+            the mean/std normalisation (MTT's and DATM's CIFAR recipes).
         zca_eps: Regulariser of the ZCA whitening (kornia's ``eps``; MTT used 0.1).
     """
 
@@ -103,6 +123,9 @@ class RealDataModule(L.LightningDataModule):
         self.seed = seed
         self.zca = bool(zca)
         self.zca_eps = float(zca_eps)
+        if self.zca:  # the authors whiten the raw [0, 1] pixels: no mean/std normalisation
+            channels = len(type(self).mean)
+            self.mean, self.std = (0.0,) * channels, (1.0,) * channels
         self._zca: tuple[torch.Tensor, torch.Tensor] | None = None  # (matrix, mean)
         self._on_device: dict[tuple[str, str], torch.Tensor] = {}
         self._train: _Split | None = None
@@ -163,12 +186,15 @@ class RealDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------- ZCA
     @property
     def zca_settings(self) -> dict | None:
-        """``{"eps": ...}`` when the images are ZCA-whitened, else ``None`` (stored in sets and
-        buffers, so they are only ever used with equally whitened data)."""
-        return {"eps": self.zca_eps} if self.zca else None
+        """``{"eps": ..., "input": "pixels"}`` when the images are ZCA-whitened (fitted on the raw
+        ``[0, 1]`` pixels), else ``None``; stored in sets, buffers and checkpoints, so they are
+        only ever used with equally whitened data (a record without ``input`` comes from ld3m's
+        earlier whitening of normalised images, and is refused)."""
+        return {"eps": self.zca_eps, "input": ZCA_INPUT} if self.zca else None
 
     def whiten(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> ZCA-whitened images (unchanged when ``zca`` is off)."""
+        """:meth:`normalize`'d images (with ``zca``, the raw pixels) -> ZCA-whitened images
+        (unchanged when ``zca`` is off)."""
         if not self.zca:
             return images
         device = images.device

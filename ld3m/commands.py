@@ -29,7 +29,7 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
              archs: list[str] | str = "ConvNet", runs: int = 20, epochs: int | None = None,
              lr: float | None = None, dsa: str = "auto", dc_augment: str = "none",
              baseline: bool = True, seed: int = 0, accelerator: str = "auto",
-             precision: str | None = None, protocol: str = "auto",
+             precision: str | None = None, protocol: str = "auto", batch_size: int = 256,
              output: str | None = None) -> EvalReport:
     """Train fresh networks on a distilled set and report their real test accuracy. Random
     real images of the same IPC are trained the same way beside it (the baseline).
@@ -58,6 +58,7 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
         precision: Lightning precision of the evaluation trainers.
         protocol: ``standard``, ``dd`` (DD's learned unrolled steps; archs, epochs, lr and dsa
             are then the set's own) or ``auto`` (``dd`` for DD sets).
+        batch_size: Minibatch of the evaluation training (the papers' 256; DATM's recipes 128).
         output: Also write the report as JSON to this file.
     """
     paths = [p.strip() for p in distilled.split(",")] if isinstance(distilled, str) else distilled
@@ -78,7 +79,7 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
     report = run_evaluation(sets if len(sets) > 1 else synthetic, real, archs=names, runs=runs,
                             epochs=epochs, lr=lr, dsa=dsa, baseline=baseline, seed=seed,
                             accelerator=accelerator, precision=precision, protocol=protocol,
-                            progress=False, dc_augment=dc_augment)
+                            progress=False, dc_augment=dc_augment, batch_size=batch_size)
     print(report.table())
     if output:
         with atomic_write(output) as tmp:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.augment import DSA, DCAugment
 from ld3m.datamodules.distilled import DistilledDataModule
-from ld3m.datamodules.real import RealDataModule
+from ld3m.datamodules.real import ZCA_INPUT, RealDataModule, describe_zca, zca_flags
 from ld3m.networks import conv_backend, get_network, reset_parameters, xavier_init
 from ld3m.synthetic import SyntheticSet
 from ld3m.unrolled import step_batches, unpack_pool, unpack_weights
@@ -249,11 +249,10 @@ def check_zca(synthetic: SyntheticSet, real: RealDataModule) -> None:
     """Raise a ``ValueError`` unless ``synthetic`` and ``real`` are whitened alike (or both not)."""
     ours, theirs = synthetic.meta.get("zca"), getattr(real, "zca_settings", None)
     if ours != theirs:
-        def name(zca: dict | None) -> str:
-            return f"ZCA-whitened (eps {zca['eps']})" if zca else "not whitened"
-        raise ValueError(f"the synthetic set is {name(ours)} but the real data is {name(theirs)}; "
-                         f"evaluate it on {synthetic.dataset} with "
-                         + (f"zca=True, zca_eps={ours['eps']}" if ours else "zca=False"))
+        remedy = ("" if ours and ours.get("input") != ZCA_INPUT else
+                  f"; evaluate it on {synthetic.dataset} with " + zca_flags(ours))
+        raise ValueError(f"the synthetic set is {describe_zca(ours)} but the real data is "
+                         f"{describe_zca(theirs)}{remedy}")
 
 
 @contextlib.contextmanager
@@ -377,7 +376,8 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
              baseline: bool = True, ipc: int | None = None, seed: int = 0,
              accelerator: str = "auto", precision: str | None = None,
              protocol: str = "auto", progress: bool = True, device: str | torch.device | None = None,
-             rank: int = 0, world_size: int = 1, dc_augment: str = "none") -> EvalReport:
+             rank: int = 0, world_size: int = 1, dc_augment: str = "none",
+             batch_size: int = 256) -> EvalReport:
     """Evaluate a synthetic set (or several) and the random-real baseline over fresh networks.
 
     Args:
@@ -413,7 +413,11 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
             (:class:`ld3m.augment.DCAugment`): a strategy such as ``crop_scale_rotate``,
             ``"auto"`` for the authors' choice per dataset and network (:func:`dc_augment_for`),
             or ``"none"``.
+        batch_size: Minibatch of the evaluation training (the DC/DM/MTT protocol's 256; DATM's
+            recipes 128).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
     if protocol not in PROTOCOLS:
@@ -479,7 +483,7 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
             acc = train_and_test(data, real, arch, epochs=arch_epochs[arch],
                                  lr=lr if syn is not None else 0.01, dsa=dsa, seed=net_seed,
                                  accelerator=accelerator, precision=precision, device=device,
-                                 dc_augment=augments[arch])
+                                 dc_augment=augments[arch], batch_size=batch_size)
         accuracies[j] = acc
         which = f", set {k + 1}" if syn is not None and len(many) > 1 else ""
         log.info("%s on %s%s, run %d/%d%s: %.2f%%", arch, name, which, run + 1, runs, where,
@@ -496,7 +500,7 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
                                                    if job[0] == arch and job[1] == name]))
     settings = {"archs": list(archs), "runs": runs, "epochs": arch_epochs, "dsa": dsa, "ipc": ipc,
                 "dataset": real.dataset_name, "precision": precision, "protocol": protocol,
-                "sets": len(many), "dc_augment": augments}
+                "sets": len(many), "dc_augment": augments, "batch_size": batch_size}
     if protocol == "dd":
         settings.update(epochs=dd["epochs"], dsa="none", protocol_note=(
             f"{runs} x DD protocol ({dd['steps']} steps x {dd['epochs']} epochs, learned lrs, "

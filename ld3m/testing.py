@@ -41,8 +41,9 @@ class RandomImageData(RealDataModule):
                  train_images: int = 50_000, test_images: int = 1_000, **kwargs) -> None:
         super().__init__(**{"data_dir": "unused", **kwargs})
         self.num_classes, self.image_shape = int(num_classes), tuple(image_shape)
-        self.mean = (0.5,) * self.image_shape[0]
-        self.std = (0.25,) * self.image_shape[0]
+        channels = self.image_shape[0]  # raw pixels when whitened, as every data module's
+        self.mean, self.std = ((0.0,) * channels, (1.0,) * channels) if self.zca else (
+            (0.5,) * channels, (0.25,) * channels)
         self.sizes = {True: int(train_images), False: int(test_images)}
 
     def _dataset(self, train: bool, transform):
@@ -60,12 +61,12 @@ class RandomImageData(RealDataModule):
 def write_stand_in_buffer(folder: str | Path, experts: int = 2, epochs: int = 4,
                           network: str = "ConvNetW32", shape: tuple[int, int, int] = (3, 16, 16),
                           classes: int = 3, dataset: str = "Tiny",
-                          labels: torch.Tensor | None = None) -> Path:
+                          labels: torch.Tensor | None = None, zca: dict | None = None) -> Path:
     """A buffer of ``experts`` stand-in experts of ``network`` for ``classes`` classes of
     ``shape`` images: random walks (steps of 0.01) from seeded initialisations, one shard each,
     in the format ``ld3m buffer`` writes. With the training set's ``labels``, every shard also
-    stores logits that classify 90 % of the images right (what DATM starts from). Returns the
-    folder."""
+    stores logits that classify 90 % of the images right (what DATM starts from); ``zca``: the
+    whitening recorded (a data module's ``zca_settings``). Returns the folder."""
     folder = Path(folder)
     for index in range(experts):
         net = reset_parameters(get_network(network, shape[0], classes, shape[1]),
@@ -76,7 +77,7 @@ def write_stand_in_buffer(folder: str | Path, experts: int = 2, epochs: int = 4,
             rows.append(rows[-1] + 0.01 * torch.randn(rows[-1].shape, generator=g))
         info = {"expert": index, "network": network, "dataset": dataset, "channels": shape[0],
                 "num_classes": classes, "image_shape": list(shape), "epochs": epochs,
-                "lr_teacher": 0.01, "batch_size": 256, "dsa": "none", "zca": False,
+                "lr_teacher": 0.01, "batch_size": 256, "dsa": "none", "zca": zca or False,
                 "seed": index, "params": parameter_layout(net)}
         logits = None
         if labels is not None:

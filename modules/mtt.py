@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from ld3m.datamodules.real import ZCA_INPUT, describe_zca, zca_flags
 from ld3m.modules.base import DistillationModule
 from torch import nn
 from torch.func import functional_call
@@ -211,12 +212,13 @@ class MTT(DistillationModule):
             raise ValueError(f"the buffer {self.buffer_dir} was trained on {info['dataset']} "
                              f"({info['num_classes']} classes of {tuple(info['image_shape'])}), "
                              f"not {self.dataset_name} ({self.num_classes} of {self.image_shape})")
-        if (info.get("zca") or None) != self.zca:
-            raise ValueError(f"the buffer {self.buffer_dir} was trained on "
-                             f"{'ZCA-whitened' if info.get('zca') else 'unwhitened'} images "
-                             f"({info.get('zca')}) but the data module's ZCA setting is "
-                             f"{self.zca}: pass --data.zca {str(bool(info.get('zca'))).lower()}"
-                             + (f" --data.zca_eps {info['zca']['eps']}" if info.get("zca") else ""))
+        theirs = info.get("zca") or None
+        if theirs != self.zca:
+            remedy = ("" if theirs and theirs.get("input") != ZCA_INPUT
+                      else f": pass {zca_flags(theirs)}")
+            raise ValueError(f"the buffer {self.buffer_dir} was trained on images "
+                             f"{describe_zca(theirs)}, but the data module's are "
+                             f"{describe_zca(self.zca)}{remedy}")
         if self.max_start_epoch - 1 + self.expert_epochs > self.buffer.epochs:
             raise ValueError(f"max_start_epoch {self.max_start_epoch} + expert_epochs "
                              f"{self.expert_epochs} needs experts of at least "

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_buffer(folder: Path, experts: int = 2, epochs: int = 4, network: str = NET,
-                 shape=TINY, classes: int = 3, dataset: str = "Tiny") -> Path:
+                 shape=TINY, classes: int = 3, dataset: str = "Tiny", zca: dict | None = None) -> Path:
     """Stand-in experts (``ld3m.testing``), with this file's defaults."""
     return write_stand_in_buffer(folder, experts=experts, epochs=epochs, network=network,
-                                 shape=shape, classes=classes, dataset=dataset)
+                                 shape=shape, classes=classes, dataset=dataset, zca=zca)
 
 
 def _model(buffer: Path, **kwargs) -> MTT:

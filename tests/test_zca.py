@@ -52,12 +52,46 @@ def test_every_loader_serves_the_same_whitening(whitened: FashionMNIST, fmnist: 
     # the test set goes through the training split's matrix (not one fitted on the test set)
     test_white = next(iter(whitened.test_dataloader()))[0][:3]
     test_plain = next(iter(fmnist.test_dataloader()))[0][:3]
-    assert torch.allclose(test_white, whitened.whiten(test_plain), atol=1e-5)
+    assert torch.allclose(test_white, whitened.whiten(fmnist.denormalize(test_plain)), atol=1e-5)
     assert not torch.allclose(test_white, test_plain, atol=1e-2)
     # class-balanced batches and the random-real baseline are whitened too
     images, _ = next(iter(whitened.train_dataloader()))
     assert images.flatten(2).mean(-1).abs().max() < 1.0  # whitened: near zero mean per image
-    assert random_real_set(whitened, 1).meta["zca"] == {"eps": 0.1}
+    assert random_real_set(whitened, 1).meta["zca"] == {"eps": 0.1, "input": "pixels"}
+
+
+def test_zca_whitens_the_raw_pixels_as_mtt_and_datm(whitened: FashionMNIST) -> None:
+    """Their code: ``ToTensor()`` only (no Normalize) when ``--zca``, then kornia's
+    ``ZCAWhitening(eps=0.1)`` fitted on the whole training split; nothing normalises after."""
+    from kornia.enhance import ZCAWhitening
+
+    raw = whitened.train_split.cached.float() / 255  # the [0, 1] pixels, as ToTensor gives them
+    theirs = ZCAWhitening(eps=0.1).fit(raw)
+    index = torch.tensor([0, 1, 59999])
+    ours = whitened.train_split.images(index, whitened)
+    assert torch.allclose(ours, theirs(raw[index]), atol=1e-4)
+    assert (whitened.mean, whitened.std) == ((0.0,), (1.0,))  # no normalisation either side
+    test_raw = whitened._test_split().cached[:4].float() / 255
+    served = next(iter(whitened.test_dataloader()))[0][:4]
+    assert torch.allclose(served, theirs(test_raw), atol=1e-4)
+    # ld3m's earlier transform (whitening the normalised images) is a different one
+    normalised = (raw - 0.2860) / 0.3530
+    assert not torch.allclose(ZCAWhitening(eps=0.1).fit(normalised)(normalised[index]), ours,
+                              atol=1e-2)
+
+
+def test_a_record_of_the_earlier_whitening_is_refused(
+        tmp_path: Path, whitened: FashionMNIST) -> None:
+    old = {"eps": 0.1}  # what sets and buffers whitened after the normalisation recorded
+    synthetic = random_real_set(whitened, 1)
+    synthetic.meta["zca"] = old
+    with pytest.raises(ValueError, match="after the mean/std normalisation.*make it again"):
+        train_and_test(synthetic, whitened, epochs=1, accelerator="cpu")
+    buffer = write_buffer(tmp_path / "buffer", shape=(1, 28, 28), classes=10,
+                          dataset="FashionMNIST", zca=old)
+    model = MTT(str(buffer), ipc=1, syn_steps=2, max_start_epoch=2)
+    with pytest.raises(ValueError, match="after the mean/std normalisation"):
+        cpu_trainer(tmp_path, max_steps=1).fit(model, whitened)
 
 
 def test_zca_settings_are_checked(tmp_path: Path) -> None:
@@ -78,7 +112,7 @@ def test_a_whitened_set_remembers_it_and_refuses_unwhitened_data(
     cpu_trainer(tmp_path, max_steps=1).fit(model, whitened)
     path = model.synthetic_set().save(tmp_path / "zca.safetensors")
     synthetic = SyntheticSet.load(path)
-    assert synthetic.meta["zca"] == {"eps": 0.1}
+    assert synthetic.meta["zca"] == {"eps": 0.1, "input": "pixels"}
     with pytest.raises(ValueError, match="ZCA-whitened .* not whitened"):
         train_and_test(synthetic, fmnist, epochs=1, accelerator="cpu")
     plain = random_real_set(fmnist, 1)
