@@ -16,6 +16,9 @@ from ld3m.outputs import check_before_writing, output_dir_of
 
 log = logging.getLogger("ld3m")
 
+#: Where ``keep_best`` writes the set of the best evaluation (next to ``synthetic.safetensors``).
+BEST_FILE = "synthetic.best.safetensors"
+
 
 class PeriodicEvaluation(L.Callback):
     """Train fresh networks on the current synthetic set and report real test accuracy.
@@ -27,6 +30,12 @@ class PeriodicEvaluation(L.Callback):
     to those that show tables (TensorBoard, W&B). With ``every_n_steps`` the accuracies at
     every evaluated step are kept (in checkpoints too) and plotted against the steps in
     ``evaluation.png``.
+
+    With ``keep_best``, as the trajectory-matching papers report (MTT, DATM: the best evaluation
+    over the sets evaluated every N iterations), the set of the best evaluation so far (by the
+    mean accuracy of the first of ``archs``) is written to ``synthetic.best.safetensors`` next
+    to the final ``synthetic.safetensors``, and the report says which step it is and its
+    accuracy (``evaluation.md``, ``evaluation.json``'s ``best``).
 
     Args:
         every_n_steps: Evaluate every N steps (0: never during training).
@@ -43,12 +52,13 @@ class PeriodicEvaluation(L.Callback):
         dc_augment: DC's own augmentation when ``dsa`` is ``none`` (e.g. ``crop_scale_rotate``,
             ``auto``: the authors' choice per dataset and network; see ``ld3m.evaluation``).
         batch_size: Minibatch of the evaluation training (the papers' 256; DATM's recipes 128).
+        keep_best: Also keep the set of the best evaluation (see above).
     """
 
     def __init__(self, every_n_steps: int = 0, at_end: bool = True, archs: list[str] | str = "ConvNet",
                  runs: int = 3, epochs: int = 300, dsa: str = "auto", baseline: bool = True,
                  precision: str | None = None, seed: int = 0, dc_augment: str = "none",
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, keep_best: bool = False) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if batch_size < 1:
@@ -66,6 +76,9 @@ class PeriodicEvaluation(L.Callback):
         self.seed = seed
         self.dc_augment = dc_augment
         self.batch_size = batch_size
+        self.keep_best = keep_best
+        #: ``{"step", "arch", "mean", "std"}`` of the best evaluation so far (``keep_best``)
+        self.best: dict[str, Any] | None = None
         self.last_report: EvalReport | None = None
         #: ``[{"step", "arch", "mean", "std"}]`` of every evaluation of the synthetic set so far
         self.history: list[dict[str, Any]] = []
@@ -101,7 +114,21 @@ class PeriodicEvaluation(L.Callback):
                       report.table(), step)
             if self.every_n_steps:
                 self._plot(output_dir_of(trainer, pl_module) / "evaluation.png", name)
+        if self.keep_best:
+            self._keep_if_best(trainer, pl_module, report.get(name, self.archs[0]), step)
         return report
+
+    def _keep_if_best(self, trainer, pl_module, result, step: int) -> None:
+        """Write the set when this evaluation beats every earlier one (every rank decides alike:
+        the report is the same on all of them; rank 0 writes)."""
+        if self.best is not None and result.mean <= self.best["mean"]:
+            return
+        self.best = {"step": step, "arch": self.archs[0], "mean": result.mean, "std": result.std,
+                     "file": BEST_FILE}
+        if trainer.is_global_zero:
+            path = pl_module.synthetic_set().save(output_dir_of(trainer, pl_module) / BEST_FILE)
+            log.info("best evaluation so far (step %d, %s %.2f%%): set written to %s", step,
+                     self.archs[0], 100 * result.mean, path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -111,12 +138,19 @@ class PeriodicEvaluation(L.Callback):
         if not self.at_end:
             return
         report = self.run(trainer, pl_module, baseline=self.baseline)
-        self._write(output_dir_of(trainer, pl_module), report)
+        if self.keep_best and self.best is not None:
+            report.settings["best"] = dict(self.best)
+        self._write(output_dir_of(trainer, pl_module), report, self.best if self.keep_best else None)
 
     @staticmethod
     @rank_zero_only
-    def _write(folder: Path, report: EvalReport) -> None:
-        for name, text in (("evaluation.md", report.table() + "\n"), ("evaluation.json", report.to_json())):
+    def _write(folder: Path, report: EvalReport, best: dict[str, Any] | None = None) -> None:
+        table = report.table() + "\n"
+        if best is not None:
+            table += (f"\nBest evaluation: step {best['step']}, {best['arch']} "
+                      f"{100 * best['mean']:.2f} +- {100 * best['std']:.2f} ({best['file']}; the "
+                      f"table above is the final set's)\n")
+        for name, text in (("evaluation.md", table), ("evaluation.json", report.to_json())):
             with atomic_write(folder / name) as tmp:
                 tmp.write_text(text)
 
@@ -141,7 +175,8 @@ class PeriodicEvaluation(L.Callback):
             figure.savefig(tmp, format="png", bbox_inches="tight")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "best": self.best}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self.best = state_dict.get("best")

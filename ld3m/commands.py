@@ -92,19 +92,23 @@ def buffer(data: RealDataModule, folder: str | None = None, experts: int = 100, 
            dsa: str = DEFAULT_DSA, logits: bool = False, seed: int = 0, accelerator: str = "auto",
            precision: str | None = None, limit_train_batches: int | float | None = None,
            progress_bar: bool = True, rank: int | None = None,
-           world_size: int | None = None) -> None:
+           world_size: int | None = None, optimizer: str = "sgd", rho: float = 0.01,
+           alpha: float = 0.3, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
     """Train expert networks on real data and record their parameters after every epoch
     (MTT/DATM's buffer). Experts already in the folder are kept, and an interrupted expert
-    resumes from its last finished epoch: rerun the same command.
+    resumes from its last finished epoch: rerun the same command. ``--optimizer gsam`` trains
+    DATM's sharpness-aware experts (their buffer_FTD.py: ``--optimizer gsam --epochs 100
+    --data.zca true``, the other defaults theirs).
 
     Args:
         data: The real dataset (``--data NAME``, its settings as ``--data.*``; e.g.
             ``--data.zca true`` for a whitened buffer, to distil with ``--data.zca true`` then).
-        folder: Where the shards go (default ``runs/buffer/<data>_<network>``).
+        folder: Where the shards go (default ``runs/buffer/<data>_<network>``, plus ``_gsam``
+            with ``--optimizer gsam``).
         experts: Experts in the finished buffer.
         epochs: Training epochs per expert.
         network: The experts' network (see ``ld3m.networks``).
-        lr_teacher: SGD learning rate of the experts (no momentum).
+        lr_teacher: SGD learning rate of the experts.
         batch_size: Minibatch size.
         dsa: DSA strategy of the training batches, or ``none``.
         logits: Also store each expert's final logits on the training images (DATM).
@@ -116,12 +120,19 @@ def buffer(data: RealDataModule, folder: str | None = None, experts: int = 100, 
         rank: This process's share of the experts (default: ``$RANK`` or ``$SLURM_PROCID``, else 0).
         world_size: Processes sharing the experts (default: ``$WORLD_SIZE`` or ``$SLURM_NTASKS``,
             else 1).
+        optimizer: The experts' optimiser: ``sgd`` (MTT) or ``gsam`` (DATM: GSAM around the
+            SGD, two forward/backward passes per minibatch; not with ``--precision 16-mixed``).
+        rho: GSAM's perturbation radius (DATM's ``--rho_max = --rho_min``: 0.01).
+        alpha: GSAM's surrogate-gap weight (DATM's ``--alpha``: 0.3).
+        momentum: SGD momentum (MTT's and DATM's ``--mom``: 0).
+        weight_decay: SGD weight decay (their ``--l2``: 0).
     """
     from ld3m.experts import train_experts
 
     local = _local_rank()  # before _launcher_rank removes the launcher's variables
     rank, world_size = _launcher_rank(rank, world_size)
-    folder = folder or f"runs/buffer/{data.dataset_name.lower()}_{network.lower()}"
+    suffix = "_gsam" if optimizer == "gsam" else ""
+    folder = folder or f"runs/buffer/{data.dataset_name.lower()}_{network.lower()}{suffix}"
     trainer_kwargs = {"accelerator": accelerator, "devices": 1, "precision": precision,
                       "enable_progress_bar": progress_bar}
     if world_size > 1 and accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
@@ -131,7 +142,8 @@ def buffer(data: RealDataModule, folder: str | None = None, experts: int = 100, 
     result = train_experts(data, folder, experts=experts, epochs=epochs, network=network,
                            lr_teacher=lr_teacher, batch_size=batch_size, dsa=dsa, logits=logits,
                            seed=seed, trainer_kwargs=trainer_kwargs, rank=rank,
-                           world_size=world_size)
+                           world_size=world_size, optimizer=optimizer, rho=rho, alpha=alpha,
+                           momentum=momentum, weight_decay=weight_decay)
     if result is None:
         log.info("rank %d of %d: its experts are in %s", rank, world_size, folder)
     else:

@@ -2,7 +2,9 @@
 
 An expert is a freshly initialised network trained for ``epochs`` epochs with plain SGD
 (``lr_teacher``, no momentum, no weight decay, batch 256) on DSA-augmented real minibatches
-(independent per-sample draws, not Siamese), MTT's teacher. Its flat parameters are recorded at
+(independent per-sample draws, not Siamese), MTT's teacher; or, with ``optimizer="gsam"``, with
+GSAM around that SGD (:mod:`ld3m.gsam`: two forward/backward passes on each minibatch),
+DATM's sharpness-aware teacher (their ``buffer/buffer_FTD.py``). Its flat parameters are recorded at
 initialisation and after every epoch; DATM additionally wants the final expert's logits on the
 training images. Each expert is one Lightning ``fit`` (progress bar, any accelerator), written as
 one shard of the format in :mod:`ld3m.trajectories` as soon as it is done. An interrupted run,
@@ -17,6 +19,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -31,6 +35,7 @@ from tqdm.auto import tqdm
 from ld3m.augment import DEFAULT_STRATEGY
 from ld3m.datamodules.real import RealDataModule
 from ld3m.evaluation import Classifier
+from ld3m.gsam import GSAM
 from ld3m.networks import conv_backend, get_network
 from ld3m.trajectories import (
     ExpertTrajectory,
@@ -44,6 +49,10 @@ log = logging.getLogger("ld3m")
 
 #: Where the running experts' epoch checkpoints live, inside the buffer folder.
 PARTIAL = ".partial"
+#: The experts' optimisers: MTT's plain SGD, DATM's GSAM around SGD.
+OPTIMIZERS = ("sgd", "gsam")
+#: Precisions whose gradient scaler cannot step GSAM (it steps without the closure).
+FP16 = ("16", "16-mixed", 16)
 
 
 class EpochShuffle(Sampler[int]):
@@ -69,27 +78,64 @@ class Expert(Classifier):
     """One expert (teacher) network whose parameters are recorded after every epoch.
 
     The evaluation protocol's :class:`ld3m.evaluation.Classifier` (seeded initialisation,
-    independent DSA draws) with MTT's teacher optimiser: plain SGD, no momentum, no weight
-    decay, no schedule.
+    independent DSA draws) with MTT's teacher optimiser: SGD (by default no momentum, no weight
+    decay), no schedule; or DATM's: :class:`ld3m.gsam.GSAM` around that SGD, trained with
+    manual optimisation (each minibatch, augmented once, is evaluated at ``w`` and at the
+    perturbed ``w + e``).
 
     Args:
         network: Network name (see :func:`ld3m.networks.get_network`).
         channels: Input channels.
         num_classes: Number of classes.
         image_size: Input side length.
-        lr_teacher: SGD learning rate (no momentum, no weight decay).
+        lr_teacher: SGD learning rate.
         dsa: DSA strategy of the training batches (independent draws); ``"none"`` disables it.
         seed: Seed of the initialisation and the augmentation draws.
+        optimizer: ``"sgd"`` (MTT) or ``"gsam"`` (DATM: GSAM around the SGD).
+        rho: GSAM's perturbation radius (constant, as the learning rate).
+        alpha: GSAM's surrogate-gap weight.
+        momentum: SGD momentum (MTT's and DATM's ``--mom``, 0 in their commands).
+        weight_decay: SGD weight decay (their ``--l2``, 0 by default).
     """
 
     def __init__(self, network: str, channels: int, num_classes: int, image_size: int,
-                 lr_teacher: float = 0.01, dsa: str = DEFAULT_STRATEGY, seed: int = 0) -> None:
+                 lr_teacher: float = 0.01, dsa: str = DEFAULT_STRATEGY, seed: int = 0,
+                 optimizer: str = "sgd", rho: float = 0.01, alpha: float = 0.3,
+                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         if not lr_teacher > 0:
             raise ValueError(f"lr_teacher must be positive, got {lr_teacher}")
+        optimizer_settings(optimizer, rho, alpha, momentum, weight_decay)  # validates
         super().__init__(network, channels, num_classes, image_size, lr=lr_teacher, epochs=1,
-                         momentum=0.0, weight_decay=0.0, dsa=dsa, seed=seed)
+                         momentum=momentum, weight_decay=weight_decay, dsa=dsa, seed=seed)
+        self.optimizer_name, self.rho, self.alpha = optimizer, float(rho), float(alpha)
+        # GSAM's two forward/backward passes per step: the step is written out (manual)
+        self.automatic_optimization = optimizer == "sgd"
         #: Flat parameters at initialisation and after every finished epoch (CPU).
         self.snapshots: list[torch.Tensor] = [flatten_parameters(self.net)]
+
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision)
+        if not self.automatic_optimization and precision in FP16:
+            raise ValueError(f"GSAM experts do not train in {precision} precision (the gradient "
+                             "scaler steps without GSAM's closure); use 32-true or bf16-mixed")
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.automatic_optimization:
+            return super().training_step(batch, batch_idx)
+        x, y = batch
+        if self.dsa is not None:  # one draw per minibatch: both GSAM passes see the same images
+            x = self.dsa(x, generator=self._generator)
+        optimizer = self.optimizers()
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(self.net(x).float(), y)
+            self.manual_backward(loss)
+            return loss.detach()
+
+        loss = optimizer.step(closure=closure)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
 
     def on_train_epoch_end(self) -> None:
         self.snapshots.append(flatten_parameters(self.net).cpu())
@@ -107,7 +153,12 @@ class Expert(Classifier):
         self._generator.set_state(state["dsa_generator"])
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.0, weight_decay=0.0)
+        hp = self.hparams
+        sgd = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
+                              weight_decay=hp.weight_decay)
+        if self.optimizer_name == "sgd":
+            return sgd
+        return GSAM(sgd, rho=self.rho, alpha=self.alpha, adaptive=True, model=self.net)
 
     @torch.no_grad()
     def logits(self, loader: DataLoader, progress: bool = False) -> torch.Tensor:
@@ -120,11 +171,35 @@ class Expert(Classifier):
         return torch.cat(out)
 
 
+def optimizer_settings(optimizer: str = "sgd", rho: float = 0.01, alpha: float = 0.3,
+                       momentum: float = 0.0, weight_decay: float = 0.0) -> dict | None:
+    """The experts' optimiser as recorded in a buffer's shards (key ``optimizer``): ``None``
+    for MTT's plain SGD (no momentum, no weight decay; what buffers without the key hold), else
+    ``{"name", "momentum", "weight_decay"}`` plus GSAM's ``{"rho", "alpha", "adaptive"}``.
+
+    Raises:
+        ValueError: for an unknown optimiser or a negative or non-finite value.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    for name, value in (("rho", rho), ("alpha", alpha), ("momentum", momentum),
+                        ("weight_decay", weight_decay)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if optimizer == "sgd" and momentum == 0 and weight_decay == 0:
+        return None
+    settings = {"name": optimizer, "momentum": float(momentum), "weight_decay": float(weight_decay)}
+    if optimizer == "gsam":
+        settings.update(rho=float(rho), alpha=float(alpha), adaptive=True)
+    return settings
+
+
 def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, epochs: int = 50,
                   network: str = "ConvNet", lr_teacher: float = 0.01, batch_size: int = 256,
                   dsa: str = DEFAULT_STRATEGY, logits: bool = False, seed: int = 0,
-                  trainer_kwargs: dict | None = None, rank: int = 0,
-                  world_size: int = 1) -> TrajectoryBuffer | None:
+                  trainer_kwargs: dict | None = None, rank: int = 0, world_size: int = 1,
+                  optimizer: str = "sgd", rho: float = 0.01, alpha: float = 0.3,
+                  momentum: float = 0.0, weight_decay: float = 0.0) -> TrajectoryBuffer | None:
     """Train ``experts`` experts (skipping those already in ``folder``) and return the buffer.
 
     With ``world_size > 1`` this process trains only the experts ``i`` with
@@ -146,6 +221,11 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
             limit_train_batches, ...).
         rank: This process's index among ``world_size`` processes sharing the work.
         world_size: Number of processes sharing the work.
+        optimizer: ``"sgd"`` (MTT's teacher) or ``"gsam"`` (DATM's: GSAM around the SGD).
+        rho: GSAM's perturbation radius (DATM: ``--rho_max = --rho_min = 0.01``).
+        alpha: GSAM's surrogate-gap weight (DATM: 0.3).
+        momentum: SGD momentum (MTT's and DATM's ``--mom``: 0).
+        weight_decay: SGD weight decay (their ``--l2``: 0).
 
     Raises:
         ValueError: on bad arguments, or if ``folder`` already holds experts of another setting.
@@ -155,6 +235,11 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
     if experts < 1 or epochs < 1 or batch_size < 1:
         raise ValueError(f"experts, epochs and batch_size must be at least 1, got "
                          f"{experts}, {epochs} and {batch_size}")
+    recorded = optimizer_settings(optimizer, rho, alpha, momentum, weight_decay)
+    precision = str((trainer_kwargs or {}).get("precision") or "32-true")
+    if optimizer == "gsam" and precision in FP16:  # before any training, not at its start
+        raise ValueError(f"GSAM experts do not train in {precision} precision (the gradient "
+                         "scaler steps without GSAM's closure); use 32-true or bf16-mixed")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data.setup("fit")
@@ -164,9 +249,13 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
             "lr_teacher": lr_teacher, "batch_size": batch_size, "dsa": dsa,
             "zca": getattr(data, "zca_settings", None),
             "params": parameter_layout(get_network(network, c, data.num_classes, h))}
+    if recorded is not None:  # absent: MTT's plain SGD (so older buffers keep resuming)
+        info["optimizer"] = recorded
     if any(folder.glob("expert_*.safetensors")):
-        existing = TrajectoryBuffer(folder).info
-        different = {k: (existing.get(k), v) for k, v in info.items() if existing.get(k) != v}
+        stored = TrajectoryBuffer(folder)
+        existing = {**stored.info, "optimizer": _stored_optimizer(stored.paths)}
+        different = {k: (existing.get(k), info.get(k)) for k in {*info, "optimizer"}
+                     if existing.get(k) != info.get(k)}
         if different:
             raise ValueError(f"{folder} holds experts of another setting ({different}); "
                              "use another folder")
@@ -177,7 +266,9 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
         if path.exists() or index % world_size != rank:
             continue
         expert_seed = seed + 1000 * index
-        model = Expert(network, c, data.num_classes, h, lr_teacher=lr_teacher, dsa=dsa, seed=expert_seed)
+        model = Expert(network, c, data.num_classes, h, lr_teacher=lr_teacher, dsa=dsa,
+                       seed=expert_seed, optimizer=optimizer, rho=rho, alpha=alpha,
+                       momentum=momentum, weight_decay=weight_decay)
         loader = DataLoader(train_set, batch_size=batch_size,
                             sampler=EpochShuffle(len(train_set), expert_seed + 2))
         settings = {**info, "expert": index, "seed": expert_seed}
@@ -212,6 +303,20 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
         except OSError:
             pass
     return TrajectoryBuffer(folder) if world_size == 1 else None
+
+
+def _stored_optimizer(paths: list[Path]) -> dict | None:
+    """The ``optimizer`` every shard of ``paths`` records (``None``: plain SGD).
+
+    Raises:
+        ValueError: if the shards disagree.
+    """
+    found = [ExpertTrajectory.read_info(path).get("optimizer") for path in paths]
+    for path, value in zip(paths[1:], found[1:], strict=True):
+        if value != found[0]:
+            raise ValueError(f"{path} has optimizer={value!r} but {paths[0].name} has "
+                             f"{found[0]!r}: one buffer, one setting")
+    return found[0]
 
 
 class _Settings(L.Callback):

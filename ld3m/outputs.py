@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 
 #: Files and folders that mark a folder as holding a run's outputs.
-OUTPUT_NAMES = ("synthetic.safetensors", "images", "evaluation.md", "evaluation.json",
-                "evaluation.png")
+OUTPUT_NAMES = ("synthetic.safetensors", "synthetic.best.safetensors", "images", "evaluation.md",
+                "evaluation.json", "evaluation.png")
 
 #: The folder in ``default_root_dir`` where Lightning's loggers keep ``version_N``.
 LOGS = "lightning_logs"

@@ -6,15 +6,19 @@ MTT (see :mod:`ld3m.modules.mtt`) plus:
    grows linearly from ``current_max_start_epoch`` to ``max_start_epoch`` over
    ``expansion_end`` steps (the :class:`ld3m.callbacks.StartEpochSchedule` callback, added by
    :meth:`DATM.configure_callbacks`; ``current_max_start_epoch=None`` switches it off);
-2. *soft labels*: one learnable logit vector per synthetic image, initialised to the logits an
-   expert gives that image; the student's steps use the soft cross-entropy against their
-   softmax, and the logits are trained too (SGD ``lr_y``, momentum 0.9);
-3. images start from real images that the expert classifies correctly;
+2. *soft labels*: one learnable logit vector per synthetic image, initialised, as the authors'
+   ``distill/DATM.py``, to the mean over every expert of the buffer that classifies the image
+   correctly (at its final epoch) of that expert's logits; the student's steps use the soft
+   cross-entropy against their softmax, and the logits are trained too (SGD ``lr_y``, momentum
+   0.9);
+3. images start from real images that expert 0 classifies correctly (its logits on the
+   training set: the buffer's stored ones, ``ld3m buffer --logits true``, else computed once
+   with its final parameters and stored back);
 4. a step whose matching loss exceeds ``threshold`` is skipped (on every rank).
 
-The expert logits are the buffer's stored ones (``ld3m buffer --logits true``) of expert 0;
-when the buffer has none they are computed with expert 0's final parameters. The exported
-set carries the soft labels, which ``ld3m evaluate`` trains against.
+The exported set carries the soft labels, which ``ld3m evaluate`` trains against. The
+defaults are the authors' (their ``utils/cfg.py``); their recipes also whiten the data
+(``--data.zca true``) and train the experts with GSAM (``ld3m buffer --optimizer gsam``).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import torch.nn.functional as F
 from ld3m.callbacks.datm import StartEpochSchedule
 from ld3m.modules.mtt import MTT
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ld3m.augment import DEFAULT_STRATEGY
 from ld3m.networks import conv_backend
+from ld3m.trajectories import unflatten
 
 log = logging.getLogger("ld3m")
 
@@ -61,18 +67,21 @@ class DATM(MTT):
         seed: Seed of every draw.
         num_classes: Number of classes (default: from the data module).
         image_shape: ``(C, H, W)`` (default: from the data module).
+        experts: ``shuffled`` (every expert once per pass, as the authors') or ``random`` (see
+            MTT).
     """
 
     method_name = "DATM"
 
     def __init__(self, buffer: str, ipc: int = 10, init: str = "real", syn_steps: int = 80,
-                 expert_epochs: int = 2, max_start_epoch: int = 20, min_start_epoch: int = 0,
-                 current_max_start_epoch: int | None = 10, expansion_end: int = 3000,
-                 lr_img: float = 100.0, lr_lr: float = 1e-5, lr_teacher: float = 0.01,
+                 expert_epochs: int = 2, max_start_epoch: int = 25, min_start_epoch: int = 0,
+                 current_max_start_epoch: int | None = 20, expansion_end: int = 3000,
+                 lr_img: float = 1000.0, lr_lr: float = 1e-5, lr_teacher: float = 0.01,
                  lr_y: float = 2.0, momentum: float = 0.5, batch_syn: int | None = None,
                  dsa: str = DEFAULT_STRATEGY, gradient: str = "auto", threshold: float = 1.0,
                  student_autocast: bool = False, seed: int = 0, num_classes: int | None = None,
-                 image_shape: tuple[int, int, int] | None = None) -> None:
+                 image_shape: tuple[int, int, int] | None = None,
+                 experts: str = "shuffled") -> None:
         if init != "real":
             raise ValueError("DATM starts from correctly classified real images: init must be 'real'")
         if not lr_y > 0:
@@ -89,8 +98,7 @@ class DATM(MTT):
                          min_start_epoch=min_start_epoch, lr_img=lr_img, lr_lr=lr_lr,
                          lr_teacher=lr_teacher, momentum=momentum, batch_syn=batch_syn, dsa=dsa,
                          gradient=gradient, student_autocast=student_autocast, seed=seed,
-                         num_classes=num_classes,
-                         image_shape=image_shape)
+                         num_classes=num_classes, image_shape=image_shape, experts=experts)
         self.save_hyperparameters()
         self.current_max_start_epoch = current_max_start_epoch
         self.expansion_end = expansion_end
@@ -147,8 +155,33 @@ class DATM(MTT):
             log.warning("DATM: could not store the logits in %s (%s); they are recomputed "
                         "next time", path, err.strerror or err)
 
+    @torch.no_grad()
+    def initial_soft_labels(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The authors' soft-label initialisation: per image, the mean of the logits of the
+        experts (all of the buffer's, at their final epoch) that classify it correctly
+        (``(N, classes)``; an image none gets right keeps expert 0's logits)."""
+        net = self.build_network(self.buffer.info["network"]).eval()
+        layout = self.buffer.info["params"]
+        last = self.buffer.epochs
+        total = torch.zeros(len(images), self.num_classes)
+        count = torch.zeros(len(images), 1)
+        first = None
+        with conv_backend(torch.device("cpu")):
+            for index in tqdm(range(len(self.buffer)), desc="DATM: soft labels", unit="expert",
+                              leave=False, disable=not self.show_progress):
+                flat = self.buffer.rows(index, [last])[0]
+                logits = torch.cat([functional_call(net, unflatten(flat, layout), (part,)).float()
+                                    for part in images.float().split(1024)])
+                first = logits if first is None else first
+                right = (logits.argmax(1) == labels).unsqueeze(1)
+                total += logits * right
+                count += right
+        assert first is not None
+        return torch.where(count > 0, total / count.clamp(min=1), first)
+
     def initialise(self, dm) -> None:
-        """Correctly classified real images of every class, and their expert logits."""
+        """Correctly classified real images of every class (expert 0's), and their soft labels
+        (the mean over the experts that classify each correctly)."""
         logits = self.expert_logits(dm)
         labels = dm.train_split.labels
         correct = logits.argmax(1) == labels
@@ -161,9 +194,10 @@ class DATM(MTT):
                                  f"class {c} correctly; DATM needs ipc={self.ipc}")
             picks.append(members[torch.randperm(len(members), generator=generator)[:self.ipc]])
         index = torch.cat(picks)
+        images = dm.train_split.images(index, dm)
         with torch.no_grad():
-            self.images.copy_(dm.train_split.images(index, dm))
-            self.soft_labels.copy_(logits[index])
+            self.images.copy_(images)
+            self.soft_labels.copy_(self.initial_soft_labels(images.cpu(), labels[index]))
 
     # ------------------------------------------------------------------------------ training
     def student_targets(self) -> torch.Tensor:

@@ -357,7 +357,10 @@ class LD3M(DistillationModule):
         if self.objective == "dm":
             return helper.matching_loss(real, generator, images=images)
         if self.objective == "mtt":
-            start, target = helper.draw_expert(generator)
+            attached = self._trainer is not None  # the helper has no trainer: walk as ours
+            start, target = helper.draw_expert(
+                generator, step=step, rank=self.global_rank if attached else 0,
+                world_size=self.trainer.world_size if attached else 1)
             return helper.matching_loss(start, target, generator, images=images)
         net = helper._network_for(step)
         return helper.matching_loss(real, net, generator, images=images)

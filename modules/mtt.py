@@ -11,6 +11,13 @@ and its gradient updates the images (SGD ``lr_img``, momentum 0.5) and ``alpha``
 ``lr_lr``, momentum 0.5). The student runs functionally on flat parameters
 (``torch.func.functional_call``).
 
+Sampling as the authors' ``distill.py``: the experts are walked in a shuffled order, each once
+per pass over the buffer, a new order every pass (``experts="shuffled"``; their ``--load_all``
+draws one at random every step: ``experts="random"``); the student's minibatches of
+``batch_syn`` images are consecutive chunks of one random permutation of the synthetic set, the
+remainder chunk first, a new permutation once the chunks are used up, so every image is used
+once per pass.
+
 Two ways to get the gradient (``gradient``):
 
 - ``unroll``: keep the autograd graph through all ``syn_steps`` (the authors'); its memory grows
@@ -30,8 +37,9 @@ Measured (ConvNetW32, IPC 10, syn_steps 10, bf16 autocast on the CPU): the loss 
 the lr's gradient to 0.5%, the images' gradient has a relative error of 4.8% (cosine 0.999) --
 sound enough to offer, not enough to make it the default.
 
-Under DDP each rank draws its own expert, start epoch and minibatches (``step_generator``);
-DDP averages the gradients, so the images and ``alpha`` stay identical across ranks.
+Under DDP the ranks of a step take consecutive places of the experts' walk (different experts)
+and draw their own start epochs and minibatches (``step_generator``); DDP averages the
+gradients, so the images and ``alpha`` stay identical across ranks.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ from ld3m.trajectories import TrajectoryBuffer, unflatten
 log = logging.getLogger("ld3m")
 
 GRADIENT_MODES = ("auto", "unroll", "recompute")
+#: How the expert of a step is chosen (see :class:`MTT`'s ``experts``).
+EXPERT_ORDERS = ("shuffled", "random")
 
 #: ``auto`` picks ``unroll`` when its estimate is below this fraction of the free memory.
 AUTO_MEMORY_FRACTION = 0.5
@@ -142,13 +152,19 @@ class MTT(DistillationModule):
         expert_epochs: Expert epochs the student must cover (M).
         max_start_epoch: Start epochs are drawn from ``[min_start_epoch, max_start_epoch)``.
         min_start_epoch: Lower end of the start epochs.
-        lr_img: SGD learning rate of the images (CIFAR-10: 100 at IPC 1/10, 1000 at IPC 50).
+        lr_img: SGD learning rate of the images (their default 1000; CIFAR-10: 100 at IPC 1/10,
+            1000 at IPC 50).
         lr_lr: SGD learning rate of the learnable student lr (CIFAR-10: 1e-7 at IPC 1, else 1e-5).
         lr_teacher: Initial student learning rate (the experts' lr).
         momentum: Momentum of both SGD optimisers.
-        batch_syn: Synthetic images per student step (default: all of them).
+        batch_syn: Synthetic images per student step (default: all of them): consecutive chunks
+            of one permutation, the remainder first.
         dsa: DSA strategy of the student's minibatches (independent draws); ``"none"`` disables it.
         gradient: ``unroll``, ``recompute`` (constant activation memory, same gradient) or ``auto``.
+        experts: ``shuffled`` (the authors' default: every expert once per pass over the buffer,
+            in a new random order each pass; under DDP the ranks take consecutive places of the
+            same walk) or ``random`` (one drawn with replacement every step, their
+            ``--load_all``).
         student_autocast: Run the student under the trainer's autocast (e.g. bf16-mixed)
             instead of float32.
         seed: Seed of the initialisation and of the expert/epoch/minibatch/augmentation draws.
@@ -162,12 +178,13 @@ class MTT(DistillationModule):
     uses_real_batches = False
 
     def __init__(self, buffer: str, ipc: int = 10, init: str = "real", syn_steps: int = 20,
-                 expert_epochs: int = 2, max_start_epoch: int = 20, min_start_epoch: int = 0,
-                 lr_img: float = 100.0, lr_lr: float = 1e-5, lr_teacher: float = 0.01,
+                 expert_epochs: int = 3, max_start_epoch: int = 25, min_start_epoch: int = 0,
+                 lr_img: float = 1000.0, lr_lr: float = 1e-5, lr_teacher: float = 0.01,
                  momentum: float = 0.5, batch_syn: int | None = None, dsa: str = DEFAULT_STRATEGY,
                  gradient: str = "auto", student_autocast: bool = False, seed: int = 0,
                  num_classes: int | None = None,
-                 image_shape: tuple[int, int, int] | None = None) -> None:
+                 image_shape: tuple[int, int, int] | None = None,
+                 experts: str = "shuffled") -> None:
         super().__init__(ipc=ipc, init=init, lr_img=lr_img, momentum=momentum, seed=seed,
                          num_classes=num_classes, image_shape=image_shape)
         if syn_steps < 1 or expert_epochs < 1:
@@ -183,6 +200,8 @@ class MTT(DistillationModule):
             raise ValueError(f"batch_syn must be at least 1, got {batch_syn}")
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
+        if experts not in EXPERT_ORDERS:
+            raise ValueError(f"experts must be one of {EXPERT_ORDERS}, got {experts!r}")
         self.save_hyperparameters()
         self.buffer_dir = buffer
         self.syn_steps, self.expert_epochs = syn_steps, expert_epochs
@@ -191,6 +210,7 @@ class MTT(DistillationModule):
         self.batch_syn = batch_syn
         self.dsa = Augment(dsa) if dsa not in ("", "none") else None
         self.gradient = gradient
+        self.experts = experts
         self.student_autocast = student_autocast
         #: The student's learnable learning rate (alpha).
         self.syn_lr = nn.Parameter(torch.tensor(float(lr_teacher)))
@@ -241,13 +261,25 @@ class MTT(DistillationModule):
         return self.labels
 
     def plan(self, generator: torch.Generator) -> list[tuple[torch.Tensor, DSAParams | None]]:
-        """The minibatch indices and DSA parameters of every student step (replayable)."""
+        """The minibatch indices and DSA parameters of every student step (replayable).
+
+        As the authors': with ``batch_syn`` below the set's size, a random permutation is split
+        into chunks of ``batch_syn`` and they are used from the last (the remainder, when the
+        size does not divide) to the first, then a new permutation; so every image is used once
+        per pass. With all images in every step, the batch is the whole set in order.
+        """
         n = self.images.shape[0]
         size = n if self.batch_syn is None else min(self.batch_syn, n)
         batches = []
+        chunks: list[torch.Tensor] = []
         for _ in range(self.syn_steps):
-            index = torch.randperm(n, generator=generator)[:size] if size < n else torch.arange(n)
-            params = (self.dsa.sample(size, self.image_shape[1:], generator)
+            if size < n:
+                if not chunks:
+                    chunks = list(torch.randperm(n, generator=generator).split(size))
+                index = chunks.pop()
+            else:
+                index = torch.arange(n)
+            params = (self.dsa.sample(len(index), self.image_shape[1:], generator)
                       .to(self.device, non_blocking=True) if self.dsa is not None else None)
             batches.append((index.to(self.device, non_blocking=True), params))
         return batches
@@ -323,9 +355,31 @@ class MTT(DistillationModule):
         """``[low, high)`` of the start epochs drawn now (DATM narrows ``high``)."""
         return self.min_start_epoch, self.max_start_epoch
 
-    def draw_expert(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(theta*_t, theta*_{t+M})`` of a random expert and start epoch, on the device."""
-        index = int(torch.randint(len(self.buffer), (1,), generator=generator))
+    def expert_index(self, step: int, rank: int = 0, world_size: int = 1) -> int:
+        """The expert of training step ``step`` on ``rank`` with ``experts="shuffled"``: place
+        ``step * world_size + rank`` of a walk through the buffer in passes, each pass a new
+        random order (seeded by ``seed`` and the pass), so each expert is used once per pass
+        and the ranks of one step take different experts (while the buffer has enough)."""
+        n = len(self.buffer)
+        walk, place = divmod(step * world_size + rank, n)
+        order = torch.Generator().manual_seed((self.seed * 1_000_003 + walk * 7919 + 271_828) % 2**63)
+        return int(torch.randperm(n, generator=order)[place])
+
+    def draw_expert(self, generator: torch.Generator, step: int | None = None,
+                    rank: int | None = None, world_size: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta*_t, theta*_{t+M})`` of this step's expert and a random start epoch, on the
+        device. ``step``, ``rank`` and ``world_size`` (default: the trainer's, else 0, 0, 1) place
+        the step on the shuffled walk of the experts; ``experts="random"`` draws the expert from
+        ``generator`` instead."""
+        if self.experts == "random":
+            index = int(torch.randint(len(self.buffer), (1,), generator=generator))
+        else:
+            attached = self._trainer is not None
+            index = self.expert_index(
+                (self.global_step if attached else 0) if step is None else step,
+                (self.global_rank if attached else 0) if rank is None else rank,
+                (self.trainer.world_size if attached else 1) if world_size is None else world_size)
         low, high = self.start_epoch_range()
         start = int(torch.randint(low, high, (1,), generator=generator))
         rows = self.buffer.rows(index, [start, start + self.expert_epochs])

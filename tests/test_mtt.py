@@ -200,3 +200,70 @@ def test_recipe_parses_through_the_cli(capsys) -> None:
     assert main(["fit", "--config", str(CONFIG_DIR / "datm_cifar10_ipc10.yaml"), "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "class_path: ld3m.modules.DATM" in out and "current_max_start_epoch: 10" in out
+
+
+# ---------------------------------------------------------------------------- the authors' sampling
+def test_minibatches_are_chunks_of_one_permutation_remainder_first(tmp_path: Path) -> None:
+    """distill.py: ``torch.split(randperm(n), batch_syn)`` and ``pop()`` from the end, a new
+    permutation when the chunks are used up: every image once per pass."""
+    model = _model(write_buffer(tmp_path), ipc=10, num_classes=10, batch_syn=30, syn_steps=8,
+                   dsa="none")
+    batches = model.plan(torch.Generator().manual_seed(0))
+    sizes = [len(index) for index, _ in batches]
+    assert sizes == [10, 30, 30, 30, 10, 30, 30, 30]  # 100 = 3 x 30 + 10: the remainder first
+    for first in (0, 4):  # each pass of 4 steps sees all 100 images, once
+        seen = torch.cat([batches[k][0] for k in range(first, first + 4)])
+        assert sorted(seen.tolist()) == list(range(100))
+    assert not torch.equal(torch.cat([b[0] for b in batches[:4]]), torch.cat([b[0] for b in batches[4:]]))
+    # all images per step (the default): the whole set in every step
+    full = _model(write_buffer(tmp_path), ipc=10, num_classes=10, syn_steps=2, dsa="none")
+    assert all(torch.equal(i, torch.arange(100)) for i, _ in full.plan(torch.Generator()))
+
+
+def test_dsa_draws_follow_the_chunk_sizes(tmp_path: Path) -> None:
+    model = _model(write_buffer(tmp_path), ipc=5, num_classes=3, batch_syn=4, syn_steps=3)
+    for index, params in model.plan(torch.Generator().manual_seed(1)):
+        assert params is not None and params.n == len(index)
+
+
+def test_experts_are_walked_in_shuffled_passes(tmp_path: Path) -> None:
+    model = _model(write_buffer(tmp_path, experts=4))
+    walk = [model.expert_index(step) for step in range(12)]
+    for first in (0, 4, 8):  # every expert once per pass
+        assert sorted(walk[first:first + 4]) == [0, 1, 2, 3]
+    assert len({tuple(walk[k:k + 4]) for k in (0, 4, 8)}) > 1  # a new order per pass
+    # under DDP the ranks of a step take consecutive places of the same walk
+    for step in range(6):
+        assert [model.expert_index(step, rank, 2) for rank in (0, 1)] == walk[2 * step:2 * step + 2]
+    # draw_expert follows the walk (the step's expert's rows), whatever the generator
+    start, _ = model.draw_expert(torch.Generator().manual_seed(5), step=3)
+    rows = torch.stack([model.buffer.rows(walk[3], [e])[0] for e in range(model.buffer.epochs + 1)])
+    assert (rows == start).all(1).any()
+
+
+def test_random_experts_draw_with_replacement(tmp_path: Path) -> None:
+    model = _model(write_buffer(tmp_path, experts=3), experts="random")
+    picks = set()
+    for seed in range(20):
+        start, _ = model.draw_expert(torch.Generator().manual_seed(seed), step=0)
+        picks.add(next(i for i in range(3) if any(
+            torch.equal(start, model.buffer.rows(i, [e])[0]) for e in range(5))))
+    assert len(picks) > 1  # at step 0 the shuffled walk would always give the same expert
+    with pytest.raises(ValueError, match="experts must be one of"):
+        _model(write_buffer(tmp_path), experts="cyclic")
+
+
+def test_defaults_are_the_authors_argparse(tmp_path: Path, capsys) -> None:
+    """distill.py: --expert_epochs 3, --max_start_epoch 25, --lr_img 1000, --syn_steps 20,
+    --lr_lr 1e-05, --lr_teacher 0.01, --pix_init real, DSA's full strategy."""
+    from ld3m.cli import main
+
+    buffer = write_buffer(tmp_path, shape=(1, 28, 28), classes=10, epochs=30, dataset="FashionMNIST")
+    assert main(["fit", "--model", "MTT", "--model.buffer", str(buffer), "--print_config"]) == 0
+    import yaml
+
+    args = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert (args["expert_epochs"], args["max_start_epoch"], args["lr_img"], args["syn_steps"],
+            args["lr_lr"], args["lr_teacher"], args["init"], args["experts"]) == (
+        3, 25, 1000.0, 20, 1e-5, 0.01, "real", "shuffled")
+    assert args["dsa"] == "color_crop_cutout_flip_scale_rotate"

@@ -43,10 +43,12 @@ class _AtStart(L.Callback):
     """Keeps DATM's soft labels as they were when training started."""
 
     soft_labels: torch.Tensor | None = None
+    images: torch.Tensor | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         if getattr(pl_module, "soft_labels", None) is not None:
             self.soft_labels = pl_module.soft_labels.detach().clone()
+            self.images = pl_module.images.detach().clone()
 
 
 def _accuracy(synthetic, data, runs: int) -> float:
@@ -70,12 +72,17 @@ def test_short_trajectory_matching_run_beats_random_real_images(setting, method)
     acc = _accuracy(distilled, data, runs=2)
     assert acc > max(random_accs), (acc, random_accs)
     if method is DATM:
-        # the soft labels start at the expert's logits of correctly classified images, are
-        # trained (DATM lets them drift, even across classes) and are exported as trained
+        # the soft labels start at the mean logits of the experts right on each (real,
+        # correctly classified) image, are trained (DATM lets them drift, even across classes)
+        # and are exported as trained
         expert_logits = TrajectoryBuffer(folder)[0].logits
-        nearest = torch.cdist(start.soft_labels, expert_logits,
-                              compute_mode="donot_use_mm_for_euclid_dist").min(1).values
-        assert torch.all(nearest < 1e-5), nearest  # each row is an expert logit vector
+        nearest = torch.cdist(start.images.flatten(1), data.train_split.images(
+            torch.arange(TRAIN_IMAGES), data).flatten(1),
+                              compute_mode="donot_use_mm_for_euclid_dist").min(1)
+        assert torch.all(nearest.values < 1e-4), nearest.values  # real training images
+        assert torch.equal(expert_logits[nearest.indices].argmax(1), distilled.labels)
+        assert torch.allclose(start.soft_labels,
+                              model.initial_soft_labels(start.images, distilled.labels), atol=1e-5)
         assert torch.equal(start.soft_labels.argmax(1), distilled.labels)
         assert not torch.allclose(distilled.soft_labels, start.soft_labels)
         assert torch.equal(distilled.soft_labels, model.soft_labels.detach())
