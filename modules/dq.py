@@ -12,7 +12,20 @@
    computed from the two factors, never materialised).
 3. **Bins and sampling** (:mod:`ld3m.coreset`): per class, ``bins`` non-overlapping bins by
    recursive greedy GraphCut on cosine similarity (``lam`` weights the pairwise term), then the
-   same fraction drawn uniformly from every bin, ``ipc`` images per class.
+   same fraction drawn uniformly (without replacement) from every bin. The size is set by
+   exactly one of:
+
+   - ``ipc``: ``ipc`` images per class, spread over the bins in proportion to their sizes
+     (:func:`ld3m.coreset.allocate`);
+   - ``fraction`` (the paper's setting, e.g. 0.1 for 10 % of the data): from every bin of every
+     class ``round(fraction * len(bin))`` images, Python's ``round`` (halves to even), as the
+     authors' bin sampling (``quantize_bin.py`` runs ``dq/methods/uniform.py``'s balanced
+     ``Uniform`` on each bin: ``round(fraction * class size in the bin)`` per class; their
+     12.5 % CIFAR-10 selection, ``data/cifar10/select_indices_CIFAR10_0.125.npy``, holds
+     10 classes x 10 bins x ``round(62.5) = 62`` = 6,200 images). A class therefore keeps
+     ``sum over its bins of round(fraction * len(bin))`` images, which is not one number for
+     every class when the classes differ in size (see :func:`fraction_counts`). A class of which
+     the fraction keeps no image is an error.
 4. **Patch dropping** (optional, ``drop_ratio > 0``): in every selected image the
    ``drop_ratio`` least important ``patch_size`` patches are dropped and reconstructed by the
    ``reconstructor`` you provide; the authors use a pretrained masked autoencoder (MAE,
@@ -21,8 +34,15 @@
    embedding network (override :meth:`DQ.patch_importance` to change it).
 
 The selected real images become ``images`` (so the export, the image grid and
-``ld3m evaluate`` work unchanged) and the export records the dataset indices
-(``extra.indices``) and the bin of each (``extra.bins``).
+``ld3m evaluate`` work unchanged), class-major (the images of class 0 bin by bin, then class 1,
+...), and the export records the dataset indices (``extra.indices``) and the bin of each
+(``extra.bins``). With ``fraction`` the classes may keep different numbers of images: the
+exported set's ``labels`` say which (``meta.dq.class_counts`` lists the counts,
+``meta.dq.fraction`` the fraction) and its ``ipc``, like :attr:`DQ.ipc` after the allocation, is
+the largest per-class count (so the evaluation's random-real baseline draws that many per class:
+the same number of images as DQ when the classes are equal, as in Fashion-MNIST or CIFAR-10).
+The image grid shows a row per class of its first ``GRID_PER_CLASS`` (100) images, so that a
+selection of thousands per class still makes a readable PNG.
 
 Under the Trainer, ``fit`` does the whole selection in ``on_fit_start`` (after the strategy
 has placed the module on its device and, with DDP, joined the process group, and after a
@@ -43,7 +63,7 @@ import importlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +73,19 @@ import torch.nn.functional as F
 from ld3m.modules.base import DistillationModule, check_network_name
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from ld3m.coreset import DEFAULT_MATRIX_BYTES, quantize
+from ld3m.coreset import (
+    DEFAULT_MATRIX_BYTES,
+    Features,
+    Quantization,
+    bin_sizes,
+    feature_rows,
+    graphcut_bins,
+    quantize,
+    take_rows,
+)
 from ld3m.evaluation import Classifier, _quiet_lightning, trainer_device
 from ld3m.files import atomic_write
 from ld3m.networks import conv_backend
@@ -70,6 +100,10 @@ EMBED_BATCH = 256
 EMBED_CHUNK = 1000
 #: File the trained embedding network is saved to, in the run's output folder.
 EMBED_FILE = "dq_embedding.pt"
+#: The image grid shows at most this many images per class (the first of each, in bin order).
+GRID_PER_CLASS = 100
+#: Images per class when neither ``ipc`` nor ``fraction`` is given.
+DEFAULT_IPC = 10
 
 # salts of the seeded draws
 _SALT_LOADER = 21
@@ -146,11 +180,115 @@ def drop_patches(images: torch.Tensor, importance: torch.Tensor, drop_ratio: flo
     return out, patch_mask
 
 
+def check_fraction(fraction: float) -> float:
+    """``fraction`` as a float, if it is in ``(0, 1]``.
+
+    Raises:
+        ValueError: otherwise (0 keeps nothing; NaN is refused too).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1] (the share of every class to keep, e.g. "
+                         f"0.1), got {fraction!r}")
+    return float(fraction)
+
+
+def fraction_counts(sizes: Sequence[int], fraction: float) -> list[int]:
+    """Images drawn from bins of ``sizes`` at ``fraction``: ``round(fraction * size)`` from each.
+
+    Python's ``round`` (halves go to the even neighbour) of the float product, as the authors'
+    bin sampling (``dq/methods/uniform.py``, ``Uniform.select_balance``, applied to every bin by
+    ``quantize_bin.py``): e.g. 12.5 % of a bin of 500 is 62 images, 10 % of one of 600 is 60.
+    """
+    fraction = check_fraction(fraction)
+    return [round(fraction * int(s)) for s in sizes]
+
+
+def class_count(size: int, fraction: float, bins: int) -> int:
+    """Images kept from a class of ``size`` split into ``bins`` GraphCut bins (sizes from
+    :func:`ld3m.coreset.bin_sizes`) at ``fraction``: the sum of :func:`fraction_counts`."""
+    return sum(fraction_counts(bin_sizes(size, bins), fraction))
+
+
+def sample_fraction(bins: list[torch.Tensor], fraction: float,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``round(fraction * len(bin))`` members of every bin uniformly, without replacement.
+
+    Returns:
+        The drawn members (bin by bin) and the bin number of each.
+    """
+    counts = fraction_counts([len(b) for b in bins], fraction)
+    picked, which = [], []
+    for k, (members, m) in enumerate(zip(bins, counts, strict=True)):
+        chosen = torch.randperm(len(members), generator=generator)[:m]
+        picked.append(members.cpu()[chosen])
+        which.append(torch.full((m,), k, dtype=torch.long))
+    return torch.cat(picked), torch.cat(which)
+
+
+def quantize_fraction(features: Features, labels: torch.Tensor, fraction: float, bins: int = 10,
+                      lam: float = 1.0, generator: torch.Generator | None = None,
+                      num_classes: int | None = None,
+                      max_matrix_bytes: int = DEFAULT_MATRIX_BYTES) -> Quantization:
+    """Dataset quantization of a labelled set keeping ``fraction`` of every bin of every class.
+
+    The same bins as :func:`ld3m.coreset.quantize`; the sampling of :func:`sample_fraction`.
+
+    Args:
+        features: ``(N, D)`` features of every sample (or a Kronecker pair).
+        labels: ``(N,)`` integer class labels.
+        fraction: Share of every bin kept, in ``(0, 1]``.
+        bins: Bins per class.
+        lam: Weight of GraphCut's pairwise term.
+        generator: Source of the uniform sampling (default: a generator seeded with 0).
+        num_classes: Number of classes (default: ``labels.max() + 1``).
+        max_matrix_bytes: Memory allowed for one class's similarity matrix.
+
+    Returns:
+        The selection, class-major (class 0's images bin by bin, then class 1, ...).
+
+    Raises:
+        ValueError: on inconsistent shapes, a bad ``fraction`` or ``bins``, a class with fewer
+            than ``bins`` samples or one of which the fraction keeps nothing.
+    """
+    fraction = check_fraction(fraction)
+    n = feature_rows(features)
+    if labels.dim() != 1 or len(labels) != n:
+        raise ValueError(f"labels must have shape ({n},) to match the features, got "
+                         f"{tuple(labels.shape)}")
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    labels = labels.detach().cpu().long()
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    members = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    for c, m in enumerate(members):
+        if bins > len(m):
+            raise ValueError(f"bins={bins} is larger than class {c}, which has {len(m)} samples")
+        if class_count(len(m), fraction, bins) == 0:
+            raise ValueError(f"fraction={fraction:g} keeps no sample of class {c} ({len(m)} "
+                             f"samples in {bins} bins)")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    indices, which, class_bins = [], [], []
+    for m in members:
+        local = graphcut_bins(take_rows(features, m), bins, lam, max_matrix_bytes)
+        chosen, k = sample_fraction(local, fraction, generator)
+        indices.append(m[chosen])
+        which.append(k)
+        class_bins.append([m[b] for b in local])
+    return Quantization(torch.cat(indices), torch.cat(which), class_bins)
+
+
 class DQ(DistillationModule):
     """Dataset quantization: real images picked by GraphCut bins and uniform sampling.
 
+    Give exactly one of ``ipc`` and ``fraction`` (neither: ``ipc`` 10, ``DEFAULT_IPC``).
+
     Args:
         ipc: Real images kept per class (the fraction of every bin follows from it).
+        fraction: Share of the data kept, in ``(0, 1]`` (the paper's setting, e.g. 0.1):
+            ``round(fraction * len(bin))`` images from every bin of every class, as the
+            authors' ``quantize_bin.py``. The classes may then keep different numbers of
+            images; ``ipc`` becomes the largest of them. A recipe that sets ``ipc`` needs
+            ``--model.ipc null`` next to ``--model.fraction``.
         bins: Non-overlapping bins per class (the paper: 10).
         lam: Weight of GraphCut's pairwise (diversity) term (the paper: 1).
         network: Embedding network (see ``ld3m.networks``).
@@ -179,7 +317,8 @@ class DQ(DistillationModule):
     method_name = "DQ"
     supports_fp16 = True  # no gradient step at all
 
-    def __init__(self, ipc: int = 10, bins: int = 10, lam: float = 1.0,
+    def __init__(self, ipc: int | None = None, fraction: float | None = None, bins: int = 10,
+                 lam: float = 1.0,
                  network: str = "ConvNet", features: str = "embedding",
                  embed_checkpoint: str | None = None, embed_steps: int = 300,
                  embed_lr: float = 0.01, drop_ratio: float = 0.0, patch_size: int = 4,
@@ -187,6 +326,14 @@ class DQ(DistillationModule):
                  max_matrix_bytes: int = DEFAULT_MATRIX_BYTES, seed: int = 0,
                  num_classes: int | None = None,
                  image_shape: tuple[int, int, int] | None = None) -> None:
+        if ipc is not None and fraction is not None:
+            raise ValueError(f"give exactly one of ipc and fraction, got ipc={ipc} and "
+                             f"fraction={fraction} (with a recipe that sets ipc, add "
+                             "--model.ipc null to select by --model.fraction)")
+        if fraction is not None:
+            fraction = check_fraction(fraction)
+        elif ipc is None:
+            ipc = DEFAULT_IPC
         if bins < 1:
             raise ValueError(f"bins must be at least 1, got {bins}")
         if not (lam >= 0 and math.isfinite(lam)):
@@ -210,9 +357,18 @@ class DQ(DistillationModule):
             raise ValueError(f"max_matrix_bytes must be >= 0, got {max_matrix_bytes}")
         if embed_checkpoint is not None and not Path(embed_checkpoint).is_file():
             raise FileNotFoundError(f"embedding checkpoint {embed_checkpoint} does not exist")
-        # allocated below, once the patch settings that _allocate checks are known
-        super().__init__(ipc=ipc, init="real", seed=seed)
+        # allocated below, once the patch settings that _allocate checks are known; with
+        # fraction the ipc (the largest class count) is known once the class sizes are
+        super().__init__(ipc=ipc if ipc is not None else 1, init="real", seed=seed)
         self.save_hyperparameters(ignore=["reconstructor"])
+        self.hparams["ipc"] = ipc  # the resolved setting (DEFAULT_IPC when neither was given)
+        if fraction is not None:
+            self.ipc = 0  # not known until the class sizes are (the allocation)
+        self.fraction = fraction
+        #: images per class (known at the allocation; with ``fraction`` from the class sizes)
+        self.class_counts: list[int] | None = None
+        #: the training set's class sizes, from the data module (``fraction`` only)
+        self._class_sizes: list[int] | None = None
         self.bins, self.lam = bins, float(lam)
         self.network, self.features = network, features
         self.embed_checkpoint, self.embed_steps, self.embed_lr = embed_checkpoint, embed_steps, embed_lr
@@ -226,13 +382,54 @@ class DQ(DistillationModule):
         self._scratch: dict[str, Any] = {
             "reconstructor": resolve_reconstructor(reconstructor) if reconstructor is not None else None}
         if num_classes is not None and image_shape is not None:
-            self._allocate(num_classes, tuple(image_shape))
+            if fraction is None:
+                self._allocate(num_classes, tuple(image_shape))
+            else:  # allocated once the data module gives the class sizes
+                self.num_classes, self.image_shape = num_classes, tuple(int(s) for s in image_shape)
             self.build_network(network)  # fail early on a network that does not fit the images
 
     # ------------------------------------------------------------------------------ state
+    def counts_for(self, class_sizes: Sequence[int]) -> list[int]:
+        """Images kept from classes of ``class_sizes``: ``ipc`` each, or with ``fraction`` the
+        sum over every class's bins (:func:`ld3m.coreset.bin_sizes`) of
+        ``round(fraction * len(bin))``.
+
+        Raises:
+            ValueError: if a class is smaller than ``bins`` (or ``ipc``), or the fraction keeps
+                none of its images.
+        """
+        counts = []
+        for c, size in enumerate(class_sizes):
+            if self.bins > size:
+                raise ValueError(f"bins={self.bins} is larger than class {c}, which has {size} "
+                                 "training images")
+            if self.fraction is None:
+                counts.append(self.ipc)
+                continue
+            count = class_count(int(size), self.fraction, self.bins)
+            if count == 0:
+                raise ValueError(f"fraction={self.fraction:g} keeps no image of class {c} "
+                                 f"({size} training images in {self.bins} bins): raise it")
+            counts.append(count)
+        return counts
+
     def _allocate(self, num_classes: int, image_shape: tuple[int, ...]) -> None:
+        if self.fraction is None:
+            counts = [self.ipc] * num_classes
+        elif self._class_sizes is not None and len(self._class_sizes) == num_classes:
+            counts = self.counts_for(self._class_sizes)
+        elif self.class_counts is not None and len(self.class_counts) == num_classes:
+            counts = list(self.class_counts)  # restored from a checkpoint
+        else:
+            raise ValueError("DQ with a fraction needs the class sizes of the training set "
+                             "before its images exist: fit it, or call quantize_dataset")
+        self.class_counts = counts
+        self.ipc = max(counts)
         super()._allocate(num_classes, image_shape)
-        n = num_classes * self.ipc
+        n = sum(counts)
+        if n != num_classes * self.ipc:  # unequal classes: one row per selected image
+            self.images = nn.Parameter(torch.zeros(n, *self.image_shape))
+            self.labels = torch.arange(num_classes).repeat_interleave(torch.tensor(counts))
         _, h, w = self.image_shape
         if self.drop_ratio > 0 and (h % self.patch_size or w % self.patch_size):
             raise ValueError(f"patch_size={self.patch_size} does not divide the image size {h}x{w}")
@@ -249,14 +446,28 @@ class DQ(DistillationModule):
         indices = getattr(self, "indices", None)
         return indices is not None and indices.numel() > 0 and bool((indices >= 0).all())
 
+    def setup(self, stage: str) -> None:
+        if (stage == "fit" and self.fraction is not None and not self._initialised
+                and self._trainer is not None):
+            dm = self.real_data
+            dm.setup("fit")
+            self._class_sizes = list(dm.class_sizes())  # for the allocation
+        super().setup(stage)
+
     def initialise(self, dm) -> None:
-        """Check that every class can give ``ipc`` images and ``bins`` bins; the images are
-        selected in ``on_fit_start`` (:meth:`quantize_dataset`)."""
-        for c, size in enumerate(dm.class_sizes()):
-            if max(self.ipc, self.bins) > size:
+        """Check that every class can give ``ipc`` images (or the fraction's) and ``bins``
+        bins; the images are selected in ``on_fit_start`` (:meth:`quantize_dataset`)."""
+        sizes = dm.class_sizes()
+        for c, size in enumerate(sizes):
+            if self.fraction is None and max(self.ipc, self.bins) > size:
                 what = f"ipc={self.ipc}" if self.ipc > size else f"bins={self.bins}"
                 raise ValueError(f"{what} is larger than class {c} ({dm.class_names[c]!r}) of "
                                  f"{dm.dataset_name}, which has {size} training images")
+        counts = self.counts_for(sizes)
+        if counts != self.class_counts:
+            setting = f"ipc={self.ipc}" if self.fraction is None else f"fraction={self.fraction:g}"
+            raise ValueError(f"DQ was allocated for {self.class_counts} images per class, but "
+                             f"{dm.dataset_name} gives {counts} at {setting}")
 
     # ------------------------------------------------------------------------------ processes
     def _rank_world(self) -> tuple[int, int]:
@@ -396,6 +607,11 @@ class DQ(DistillationModule):
         return F.avg_pool2d(saliency, self.patch_size).flatten(1)
 
     # ------------------------------------------------------------------------------ selection
+    def sampling_generator(self) -> torch.Generator:
+        """The generator of the uniform sampling from the bins (keyed by ``seed`` alone: the
+        same on every rank; the bins draw nothing from it)."""
+        return self.shared_generator(0, _SALT_SAMPLE)
+
     def quantize_dataset(self, dm) -> torch.Tensor:
         """Run DQ on ``dm``'s training set; fill ``images``; return the selected indices.
 
@@ -404,6 +620,7 @@ class DQ(DistillationModule):
         dm.setup("fit")
         self.dataset_name, self.mean, self.std = dm.dataset_name, tuple(dm.mean), tuple(dm.std)
         if self.images is None:
+            self._class_sizes = list(dm.class_sizes())
             self._allocate(dm.num_classes, tuple(dm.image_shape))
         self.initialise(dm)
         net = self.embedding_network(dm)
@@ -415,11 +632,25 @@ class DQ(DistillationModule):
         payload = None
         if self._rank_world()[0] == 0:
             start = time.perf_counter()
-            result = quantize(features, split.labels, self.ipc, self.bins, self.lam,
-                              generator=self.shared_generator(0, _SALT_SAMPLE),
-                              num_classes=self.num_classes, max_matrix_bytes=self.max_matrix_bytes)
-            log.info("DQ: %d bins per class, %d images per class selected in %.1f s", self.bins,
-                     self.ipc, time.perf_counter() - start)
+            generator = self.sampling_generator()
+            if self.fraction is None:
+                result = quantize(features, split.labels, self.ipc, self.bins, self.lam,
+                                  generator=generator, num_classes=self.num_classes,
+                                  max_matrix_bytes=self.max_matrix_bytes)
+                log.info("DQ: %d bins per class, %d images per class selected in %.1f s",
+                         self.bins, self.ipc, time.perf_counter() - start)
+            else:
+                result = quantize_fraction(features, split.labels, self.fraction, self.bins,
+                                           self.lam, generator=generator,
+                                           num_classes=self.num_classes,
+                                           max_matrix_bytes=self.max_matrix_bytes)
+                log.info("DQ: %d bins per class, %d images (fraction %g, %d to %d per class) "
+                         "selected in %.1f s", self.bins, len(result.indices), self.fraction,
+                         min(self.class_counts), max(self.class_counts),
+                         time.perf_counter() - start)
+            if len(result.indices) != len(self.indices):  # the allocation follows the same sizes
+                raise RuntimeError(f"DQ selected {len(result.indices)} images for "
+                                   f"{len(self.indices)} slots")
             payload = {"indices": result.indices, "bins": result.bins}
             if self.drop_ratio > 0:
                 images = split.images(result.indices, dm).to(self.device)
@@ -471,4 +702,30 @@ class DQ(DistillationModule):
         return {"extra": extra, "meta": {"dq": {
             "network": self.network, "features": self.features, "bins": self.bins,
             "lam": self.lam, "embedding": embedding, "drop_ratio": self.drop_ratio,
-            "patch_size": self.patch_size, "reconstructor": self.reconstructor_name}}}
+            "patch_size": self.patch_size, "reconstructor": self.reconstructor_name,
+            "fraction": self.fraction, "class_counts": list(self.class_counts or [])}}}
+
+    def image_grid(self) -> torch.Tensor:
+        """The images as one grid in [0, 1], a row per class: its first ``GRID_PER_CLASS``
+        images (bin order), a class that kept fewer padded with blank tiles."""
+        images = self.synthetic_set().denormalized()
+        counts = self.class_counts or [self.ipc] * int(self.num_classes)
+        width = min(max(counts), GRID_PER_CLASS)
+        rows, start = [], 0
+        for count in counts:
+            row = images[start:start + min(count, width)]
+            blank = torch.ones(width - len(row), *row.shape[1:], dtype=row.dtype)
+            rows.append(torch.cat([row, blank]))
+            start += count
+        return make_grid(torch.cat(rows), nrow=width, padding=1, pad_value=1.0)
+
+    # keep the per-class counts in checkpoints (with a fraction they follow from the data)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ld3m"]["dq_class_counts"] = list(self.class_counts or [])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counts = (checkpoint.get("ld3m") or {}).get("dq_class_counts")
+        if self.images is None and counts:
+            self.class_counts = [int(c) for c in counts]
+        super().on_load_checkpoint(checkpoint)

@@ -6,13 +6,23 @@ import math
 import struct
 from pathlib import Path
 
+import ld3m.modules.dq as dq_module
 import pytest
 import torch
 import yaml
+from helpers import error_line, write_idx
 from ld3m.datamodules import FashionMNIST
 from ld3m.datamodules.real import _Split
 from ld3m.modules import DQ
-from ld3m.modules.dq import drop_patches, resolve_reconstructor
+from ld3m.modules.dq import (
+    DEFAULT_IPC,
+    class_count,
+    drop_patches,
+    fraction_counts,
+    quantize_fraction,
+    resolve_reconstructor,
+)
+from torchvision.io import read_image
 
 from ld3m.cli import main
 from ld3m.coreset import (
@@ -400,3 +410,168 @@ def test_dq_against_random_real_images(data_dir: Path) -> None:
     last = mean_accuracy(last_bin_set)
     assert dq > rand - 0.03, (dq, rand)
     assert last < dq - 0.03, (last, dq)
+
+
+# ------------------------------------------------------------------------------ fraction
+#: Training images per class of the tiny unequal set (Fashion-MNIST images, 10 classes).
+UNEQUAL_SIZES = [30, 25, 41, 12, 20, 33, 18, 27, 22, 36]
+
+
+def _expected_counts(sizes: list[int], fraction: float, bins: int) -> list[int]:
+    """Per class: the sum over its bins (sizes differ by at most one) of round(f * len(bin))."""
+    return [sum(round(fraction * b) for b in bin_sizes(n, bins)) for n in sizes]
+
+
+def _unequal_fashion_mnist(source: FashionMNIST, folder: Path, sizes: list[int],
+                           test: int = 100) -> Path:
+    """The first ``sizes[c]`` training images of every class c (and ``test`` test images) as
+    Fashion-MNIST's IDX files under ``folder``."""
+    train = source.train_split
+    index = torch.cat([train.class_index[c][:n] for c, n in enumerate(sizes)])
+    index = index.sort().values  # the classes interleaved, as in the real files
+    raw = folder / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    test_split = source._test_split()
+    write_idx(raw / "train-images-idx3-ubyte", train.cached[index, 0])
+    write_idx(raw / "train-labels-idx1-ubyte", train.labels[index])
+    write_idx(raw / "t10k-images-idx3-ubyte", test_split.cached[:test, 0])
+    write_idx(raw / "t10k-labels-idx1-ubyte", test_split.labels[:test])
+    return folder
+
+
+def test_fraction_counts_follow_the_authors_rounding() -> None:
+    # the authors' 12.5 % CIFAR-10 selection (data/cifar10/select_indices_CIFAR10_0.125.npy)
+    # holds 6,200 images: 10 classes x 10 bins of 500 x round(62.5) = 62 (halves to even)
+    assert fraction_counts([500] * 10, 0.125) == [62] * 10
+    assert class_count(5000, 0.125, 10) == 620
+    assert fraction_counts([6, 6, 5, 3], 0.25) == [2, 2, 1, 1]  # 1.5 -> 2, 1.25 -> 1, 0.75 -> 1
+    # by bin, not by class: 30 in 5 bins of 6 keeps 5 x round(1.5) = 10, not round(7.5) = 8
+    assert class_count(30, 0.25, 5) == 10
+    assert class_count(12, 0.25, 5) == 2  # bins 3, 3, 2, 2, 2: 1 + 1 + 0 + 0 + 0
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.01, float("nan"), True, "0.1"])
+def test_a_fraction_outside_0_1_is_refused(value) -> None:
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        DQ(fraction=value)
+
+
+def test_exactly_one_of_ipc_and_fraction() -> None:
+    with pytest.raises(ValueError, match="give exactly one of ipc and fraction.*--model.ipc null"):
+        DQ(ipc=10, fraction=0.1)
+    default = DQ(num_classes=10, image_shape=(1, 28, 28))
+    assert default.ipc == DEFAULT_IPC and default.fraction is None
+    assert default.images.shape == (10 * DEFAULT_IPC, 1, 28, 28)
+    by_fraction = DQ(fraction=0.1, num_classes=10, image_shape=(1, 28, 28))
+    # the counts follow from the class sizes: nothing is allocated before the data is known
+    assert by_fraction.images is None and by_fraction.fraction == 0.1
+    assert by_fraction.hparams["fraction"] == 0.1 and by_fraction.hparams["ipc"] is None
+
+
+def test_quantize_fraction_takes_round_fraction_of_every_bin() -> None:
+    sizes = [30, 12, 23]
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    features = _features(len(labels), 6)
+    result = quantize_fraction(features, labels, 0.25, bins=5,
+                               generator=torch.Generator().manual_seed(1))
+    counts = _expected_counts(sizes, 0.25, 5)
+    assert counts == [10, 2, 5]
+    assert len(result.indices) == sum(counts) and len(set(result.indices.tolist())) == sum(counts)
+    # class-major, and from every bin round(0.25 * its size), drawn from that bin
+    assert torch.equal(labels[result.indices],
+                       torch.arange(3).repeat_interleave(torch.tensor(counts)))
+    start = 0
+    for c, class_bins in enumerate(result.class_bins):
+        chosen = result.indices[start:start + counts[c]]
+        which = result.bins[start:start + counts[c]]
+        for k, members in enumerate(class_bins):
+            drawn = chosen[which == k]
+            assert len(drawn) == round(0.25 * len(members))
+            assert set(drawn.tolist()) <= set(members.tolist())
+        start += counts[c]
+    again = quantize_fraction(features, labels, 0.25, bins=5,
+                              generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.indices, result.indices)
+    with pytest.raises(ValueError, match=r"fraction=0.1 keeps no sample of class 1 \(12 samples"):
+        quantize_fraction(features, labels, 0.1, bins=5)  # 12 in bins of 3 and 2: 0.3, 0.2 -> 0
+
+
+def _fraction_fit_args(data: Path, root: Path, fraction: str, *extra: str) -> list[str]:
+    """A tiny DQ fit by fraction: 5 bins, a small network trained 2 steps, no evaluation."""
+    return ["fit", "--model", "DQ", "--model.fraction", fraction, "--model.bins", "5",
+            "--model.network", SMALL_NET, "--model.embed_steps", "2",
+            "--data.data_dir", str(data), "--data.batch_per_class", "2",
+            "--trainer.default_root_dir", str(root), "--evaluation.at_end", "false",
+            "--trainer.enable_progress_bar", "false", *extra]
+
+
+def test_cli_fit_by_fraction_on_unequal_classes(fmnist: FashionMNIST, tmp_path: Path, capsys,
+                                                monkeypatch) -> None:
+    mini = _unequal_fashion_mnist(fmnist, tmp_path / "data", UNEQUAL_SIZES)
+    monkeypatch.setattr(dq_module, "GRID_PER_CLASS", 4)  # a grid row holds 4 images at most
+    root = tmp_path / "run"
+    assert main(_fraction_fit_args(mini, root, "0.25")) == 0
+    counts = _expected_counts(UNEQUAL_SIZES, 0.25, 5)
+    assert len(set(counts)) > 1, "the test needs classes that keep different numbers"
+    assert counts != [round(0.25 * n) for n in UNEQUAL_SIZES], "by bin, not by class"
+    synthetic = SyntheticSet.load(root / "synthetic.safetensors")
+    assert synthetic.method == "DQ" and synthetic.ipc == max(counts)
+    assert synthetic.meta["dq"]["fraction"] == 0.25 and synthetic.meta["dq"]["class_counts"] == counts
+    assert synthetic.meta["hparams"]["fraction"] == 0.25 and "ipc" not in synthetic.meta["hparams"]
+    assert torch.equal(synthetic.labels, torch.arange(10).repeat_interleave(torch.tensor(counts)))
+    indices, bins = synthetic.extra["indices"], synthetic.extra["bins"]
+    assert len(set(indices.tolist())) == sum(counts)
+    data = FashionMNIST(data_dir=str(mini))
+    data.setup("fit")
+    assert data.class_sizes() == UNEQUAL_SIZES
+    assert torch.equal(data.train_split.labels[indices], synthetic.labels)
+    assert torch.equal(data.train_split.images(indices, data), synthetic.images)
+    start = 0
+    for n, count in zip(UNEQUAL_SIZES, counts, strict=True):  # round(0.25 * len(bin)) per bin
+        per_bin = torch.bincount(bins[start:start + count], minlength=5).tolist()
+        assert per_bin == [round(0.25 * b) for b in bin_sizes(n, 5)]
+        start += count
+    # the grid: a row per class of at most GRID_PER_CLASS (4) tiles of 28 + 1 pixels; class 3
+    # kept 2 images, so its last two tiles are blank
+    grid = read_image(str(root / "images" / "final.png")).float() / 255
+    assert grid.shape[1:] == (10 * 29 + 1, 4 * 29 + 1)
+    tile = grid[:, 3 * 29 + 1:4 * 29, 2 * 29 + 1:3 * 29]
+    assert (tile == 1).all()
+    first = grid[0, 1:29, 1:29]
+    assert torch.allclose(first, synthetic.denormalized()[0, 0], atol=1 / 255)
+    # the checkpoint keeps the counts: the module comes back with the same images
+    (checkpoint,) = root.rglob("last.ckpt")
+    restored = DQ.load_from_checkpoint(checkpoint, map_location="cpu")
+    assert restored.class_counts == counts and restored.ipc == max(counts)
+    assert torch.equal(restored.images.detach(), synthetic.images)
+    assert torch.equal(restored.labels, synthetic.labels)
+    # and `ld3m evaluate` trains on it, beside max(counts) random real images per class
+    capsys.readouterr()
+    assert main(["evaluate", "--distilled", str(root / "synthetic.safetensors"), "--data_dir",
+                 str(mini), "--archs", SMALL_NET, "--runs", "1", "--epochs", "1",
+                 "--dsa", "none"]) == 0
+    out = capsys.readouterr().out
+    assert f"DQ (IPC {max(counts)})" in out and f"random real (IPC {max(counts)})" in out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["0.01"], "fraction=0.01 keeps no image of class 0 (30 training images in 5 bins)"),
+    (["1.5"], "fraction must be in (0, 1]"),
+    (["0.1", "--model.ipc", "3"], "give exactly one of ipc and fraction"),
+])
+def test_cli_bad_fraction_is_one_error_line(fmnist: FashionMNIST, tmp_path: Path, capsys,
+                                            args: list[str], expected: str) -> None:
+    mini = _unequal_fashion_mnist(fmnist, tmp_path / "data", UNEQUAL_SIZES, test=20)
+    assert main(_fraction_fit_args(mini, tmp_path / "run", *args)) == 2
+    line = error_line(capsys)
+    assert expected in line, line
+    assert not (tmp_path / "run" / "synthetic.safetensors").exists()
+
+
+def test_print_config_shows_the_fraction(capsys) -> None:
+    assert main(["fit", "--model", "DQ", "--model.fraction", "0.3", "--print_config"]) == 0
+    init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert init["fraction"] == 0.3 and init["ipc"] is None
+    assert main(["fit", "--model.help", "DQ"]) == 0
+    assert "--model.fraction" in capsys.readouterr().out
