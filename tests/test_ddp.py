@@ -130,6 +130,9 @@ CASES = {
     # selection only (no steps), on a Fashion-MNIST slice
     "DQ-fp32": ("DQ", {"ipc": 3, "bins": 3, "network": "ConvNetW32", "embed_steps": 3}, 1,
                 "32-true"),
+    # the paper's setting: a share of every bin (classes may keep different counts)
+    "DQ-fraction": ("DQ", {"fraction": 0.05, "bins": 3, "network": "ConvNetW32",
+                           "embed_steps": 3}, 1, "32-true"),
 }
 #: What each method learns (its state must change; the rest of its state must stay equal too).
 LEARNED = {"DM": ["images"], "DC": ["images"], "DSA": ["images"], "DD": ["images", "raw_lrs"],
@@ -224,6 +227,9 @@ def test_ddp_ranks_agree(ddp_runs, case: str) -> None:
         assert pool.is_file(), "the pool was not saved"
     if method == "DQ":
         assert (out / "dq_embedding.pt").is_file(), "rank 0 did not save the embedding network"
+    if "fraction" in CASES[case][1]:  # 5 % of the 3,000-image slice, rounded in 30 bins
+        kept = final0["indices"].numel()
+        assert abs(kept - 150) <= 15, f"fraction 0.05 of 3000 images kept {kept}"
 
 
 @pytest.mark.slow
