@@ -44,8 +44,9 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
         runs: Fresh networks per set and architecture (the DC/DM papers': 20).
         epochs: The protocol's ``E``: ``E + 1`` epochs, the lr x0.1 (a new optimiser) after
             epoch ``E // 2 + 1``, as the authors'; default theirs: 1000 with augmentation, 300
-            without.
-        lr: Learning rate (default: the set's learned lr, else 0.01).
+            without (``--protocol glad``: exactly ``E`` epochs, default 1000).
+        lr: Learning rate (default: the set's learned lr, else 0.01; ``--protocol glad``: 0.001,
+            VGG-11 0.0001).
         dsa: DSA strategy while training, ``none``, or ``auto`` (the authors' per method: DSA
             for every set but DC's, which gets DC's own augmentation).
         dc_augment: With ``--dsa none``: DC's own augmentation (``crop_scale_rotate``,
@@ -57,7 +58,11 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
         accelerator: Lightning accelerator of the evaluation trainers.
         precision: Lightning precision of the evaluation trainers.
         protocol: ``standard``, ``dd`` (DD's learned unrolled steps; archs, epochs, lr and dsa
-            are then the set's own) or ``auto`` (``dd`` for DD sets).
+            are then the set's own), ``glad`` (GLaD's and LD3M's evaluation, as
+            ``evaluate_synset`` of Brian-Moser/prune_and_distill: SGD at lr 0.001, VGG-11
+            0.0001, a linear warm-up over the first E // 2 epochs then a cosine, DSA, and the
+            test accuracy of an EMA (0.995) of the weights) or ``auto`` (``dd`` for DD sets,
+            else ``standard``).
         batch_size: Minibatch of the evaluation training (the papers' 256; DATM's recipes 128).
         output: Also write the report as JSON to this file.
     """

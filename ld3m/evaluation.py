@@ -12,6 +12,18 @@ its initialisation family (fresh random weights, the stored ``theta_0``, or one 
 pre-trained networks) and takes the set's ``steps x epochs`` plain gradient steps with the
 learned learning rates, exactly as during distillation (see :mod:`ld3m.unrolled`).
 
+The GLaD protocol (``protocol="glad"``; the evaluation of GLaD's and LD3M's sets, as
+``evaluate_synset`` in ``src/utils.py`` of Brian-Moser/prune_and_distill, called by
+``eval_loop_ldm_encode`` in ``src/glad_utils.py``): SGD (momentum 0.9, weight decay 5e-4) at lr
+0.001, VGG-11 0.0001 (their ``get_eval_lrs``; the set's learned lr is not used), batch 256
+(``batch_train``), exactly ``E`` epochs (``for ep in range(Epoch)``, ``epoch_eval_train`` 1000 in
+``src/shared_args.py``), DSA on every training batch; the lr per epoch is a linear warm-up over
+the first ``E // 2`` epochs from 1e-7 x lr (``LinearLR(start_factor=1e-7, total_iters=E // 2)``),
+then a cosine over ``E // 2`` epochs (``CosineAnnealingLR(T_max=E // 2)``), both stepped once per
+epoch (:func:`glad_lr`); after every epoch an exponential moving average of the weights is
+updated (``ema_pytorch.EMA(net, beta=0.995, power=1, update_after_step=0, update_every=1)``:
+:func:`ema_decay`), and the real test accuracy is that of the averaged network, once at the end.
+
 Every report also trains on ``ipc`` *random real* images per class with the same protocol, so
 distilled-vs-random is always visible.
 """
@@ -19,6 +31,7 @@ distilled-vs-random is always visible.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -40,8 +53,17 @@ from ld3m.networks import conv_backend, get_network, reset_parameters, xavier_in
 from ld3m.synthetic import SyntheticSet
 from ld3m.unrolled import step_batches, unpack_pool, unpack_weights
 
-#: Evaluation protocols: ``auto`` picks ``dd`` for DD sets, ``standard`` for the rest.
-PROTOCOLS = ("auto", "standard", "dd")
+#: Evaluation protocols: ``auto`` picks ``dd`` for DD sets, ``standard`` for the rest; ``glad``
+#: is GLaD's and LD3M's (chosen explicitly).
+PROTOCOLS = ("auto", "standard", "dd", "glad")
+
+#: The GLaD protocol's learning rates (``get_eval_lrs`` in ``src/glad_utils.py`` of
+#: Brian-Moser/prune_and_distill): 0.001 for every network but VGG-11's 0.0001.
+GLAD_LR = 1e-3
+GLAD_VGG_LR = 1e-4
+#: Its warm-up start factor and EMA decay (``evaluate_synset`` in their ``src/utils.py``).
+GLAD_WARMUP_START = 1e-7
+GLAD_EMA_BETA = 0.995
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +151,117 @@ class Classifier(L.LightningModule):
     def training_epochs(self) -> int:
         """The epochs the protocol trains: ``E + 1``."""
         return self.hparams.epochs + 1
+
+
+def glad_arch_lr(arch: str) -> float:
+    """The GLaD protocol's learning rate of ``arch``: 0.0001 for VGG-11 (any VGG11 variant),
+    0.001 otherwise (their ``get_eval_lrs``)."""
+    return GLAD_VGG_LR if str(arch).lower().startswith("vgg11") else GLAD_LR
+
+
+def glad_lr(epoch: int, epochs: int, lr: float) -> float:
+    """The learning rate of training epoch ``epoch`` (0-based) of ``epochs`` in the GLaD protocol.
+
+    Their loop builds ``LinearLR(start_factor=1e-7, end_factor=1, total_iters=E // 2)`` and
+    ``CosineAnnealingLR(T_max=E // 2)`` on one SGD, steps the first after every epoch and, from
+    the end of epoch ``E // 2`` on, the second. So epoch ``e <= E // 2`` trains at
+    ``lr * (1e-7 + (1 - 1e-7) * e / (E // 2))`` (``lr`` from epoch ``E // 2``), and epoch
+    ``e > E // 2`` at ``lr * (1 + cos(pi * (e - E // 2 - 1) / (E // 2))) / 2``.
+    """
+    if not 0 <= epoch < epochs:
+        raise ValueError(f"epoch must be in [0, {epochs}), got {epoch}")
+    half = epochs // 2
+    if epoch <= half:
+        if half == 0:
+            return lr * GLAD_WARMUP_START
+        return lr * (GLAD_WARMUP_START + (1.0 - GLAD_WARMUP_START) * epoch / half)
+    return lr * (1.0 + math.cos(math.pi * (epoch - half - 1) / half)) / 2.0
+
+
+def ema_decay(update: int, beta: float = GLAD_EMA_BETA) -> float:
+    """The decay of EMA update number ``update`` (1-based), as ``ema_pytorch.EMA`` with
+    ``power=1, update_after_step=0, update_every=1`` (ema-pytorch 0.6.4 and later, what their
+    unpinned ``requirements.txt`` installs): the first update copies the weights (0), the
+    ``k``-th averages with ``min(beta, 1 - 1/k)``, so the first 200 updates are a plain mean of
+    the networks seen (ema-pytorch before 0.6.4 copied at the second update as well)."""
+    if update < 1:
+        raise ValueError(f"update must be at least 1, got {update}")
+    if update == 1:
+        return 0.0
+    return min(beta, 1.0 - 1.0 / update)
+
+
+@torch.no_grad()
+def ema_update(average: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """``average = decay * average + (1 - decay) * net`` for every floating-point parameter and
+    buffer (integer buffers such as BatchNorm's batch counter are left alone, as ema-pytorch)."""
+    pairs = [*zip(average.parameters(), net.parameters(), strict=True),
+             *zip(average.buffers(), net.buffers(), strict=True)]
+    for ours, theirs in pairs:
+        if ours.is_floating_point() or ours.is_complex():
+            ours.lerp_(theirs.to(ours.dtype), 1.0 - decay)
+
+
+class GladClassifier(Classifier):
+    """A network trained with the GLaD protocol (see the module docstring): exactly ``epochs``
+    epochs, warm-up then cosine (:func:`glad_lr`, set at the start of every epoch), an EMA of
+    the weights updated after every epoch (:func:`ema_decay`) and tested in place of the
+    network.
+
+    Args:
+        network: Network name (see :func:`ld3m.networks.get_network`).
+        channels: Input channels.
+        num_classes: Number of classes.
+        image_size: Input side length.
+        lr: Peak SGD learning rate (the protocol's: :func:`glad_arch_lr`).
+        epochs: Training epochs ``E`` (theirs: 1000).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        dsa: DSA strategy applied to every training batch ("none" to disable).
+        seed: Seed of the network initialisation and the augmentation draws.
+        dc_augment: DC's own augmentation when ``dsa`` is off; ``"none"`` disables it.
+        ema_beta: The EMA's largest decay (theirs: 0.995).
+    """
+
+    drops_lr = False
+
+    def __init__(self, network: str, channels: int, num_classes: int, image_size: int,
+                 lr: float = GLAD_LR, epochs: int = 1000, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, dsa: str = DEFAULT_DSA, seed: int = 0,
+                 dc_augment: str = "none", ema_beta: float = GLAD_EMA_BETA) -> None:
+        if not 0.0 <= ema_beta < 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
+        super().__init__(network, channels, num_classes, image_size, lr=lr, epochs=epochs,
+                         momentum=momentum, weight_decay=weight_decay, dsa=dsa, seed=seed,
+                         dc_augment=dc_augment)
+        # their EMA starts as a copy of the untrained network; it is what gets tested
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
+        self.ema_updates = 0
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return torch.optim.SGD(self.net.parameters(), lr=glad_lr(0, hp.epochs, hp.lr),
+                               momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+    def on_train_epoch_start(self) -> None:
+        lr = glad_lr(self.current_epoch, self.hparams.epochs, self.hparams.lr)
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = lr
+
+    def on_train_epoch_end(self) -> None:
+        self.ema_updates += 1
+        ema_update(self.ema_net, self.net, ema_decay(self.ema_updates, self.hparams.ema_beta))
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        with conv_backend(self.device):
+            self.test_accuracy(self.ema_net(x).argmax(1), y)
+        self.log("test_acc", self.test_accuracy, on_epoch=True)
+
+    @property
+    def training_epochs(self) -> int:
+        """The epochs the protocol trains: exactly ``E``."""
+        return self.hparams.epochs
 
 
 class UnrolledClassifier(Classifier):
@@ -305,15 +438,24 @@ def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "C
                    epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
                    batch_size: int = 256, seed: int = 0, accelerator: str = "auto",
                    precision: str | None = None, device: str | torch.device | None = None,
-                   dc_augment: str = "none") -> float:
-    """Train one fresh ``arch`` on ``synthetic`` with the protocol (``E = epochs``, so
-    ``epochs + 1`` epochs) and return its real test accuracy (0-1)."""
+                   dc_augment: str = "none", protocol: str = "standard") -> float:
+    """Train one fresh ``arch`` on ``synthetic`` with the protocol and return its real test
+    accuracy (0-1). ``standard``: ``E = epochs``, so ``epochs + 1`` epochs, lr default the set's
+    learned lr, else 0.01; ``glad``: exactly ``epochs`` epochs, warm-up then cosine, the EMA
+    tested, lr default :func:`glad_arch_lr` (see :class:`GladClassifier`)."""
+    if protocol not in ("standard", "glad"):
+        raise ValueError(f"train_and_test's protocol must be 'standard' or 'glad', got {protocol!r}")
     check_zca(synthetic, real)
-    if lr is None:
-        lr = float(synthetic.lr.reshape(-1)[-1]) if synthetic.lr is not None else 0.01
     c, h, _ = synthetic.image_shape
-    model = Classifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs, dsa=dsa, seed=seed,
-                       dc_augment=dc_augment)
+    if protocol == "glad":
+        lr = glad_arch_lr(arch) if lr is None else lr
+        model: Classifier = GladClassifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs,
+                                           dsa=dsa, seed=seed, dc_augment=dc_augment)
+    else:
+        if lr is None:
+            lr = float(synthetic.lr.reshape(-1)[-1]) if synthetic.lr is not None else 0.01
+        model = Classifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs, dsa=dsa,
+                           seed=seed, dc_augment=dc_augment)
     data = DistilledDataModule(synthetic, batch_size=batch_size, real=real, seed=seed + 2)
     with _quiet_lightning(), _seeded(seed + 3):
         trainer = _evaluation_trainer(model.training_epochs, accelerator, device, precision)
@@ -387,9 +529,11 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
         real: The real dataset (its test split is the test set; its train split feeds the baseline).
         archs: Architectures to train.
         runs: Fresh networks per (set, architecture) (the DC/DM papers' ``num_eval``: 20).
-        epochs: The protocol's ``E`` (``E + 1`` epochs are trained, as the authors'); ``None``:
-            theirs, per network: 1000 with augmentation (DSA or DC's), 300 without.
-        lr: Learning rate (default: the set's learned lr, else 0.01).
+        epochs: The protocol's ``E`` (``E + 1`` epochs are trained, as the authors'; ``glad``:
+            exactly ``E``); ``None``: theirs, per network: 1000 with augmentation (DSA or DC's),
+            300 without (``glad``: 1000).
+        lr: Learning rate (default: the set's learned lr, else 0.01; ``glad``: 0.001, VGG-11
+            0.0001, for the set and the baseline alike).
         dsa: DSA strategy during training ("none" to disable); ``"auto"``: the authors' per
             method, DSA's full strategy for every set but DC's, which gets none and DC's own
             augmentation (``dc_augment="auto"``).
@@ -399,7 +543,9 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
         accelerator: Lightning accelerator for the evaluation trainers.
         precision: Lightning precision for the evaluation trainers.
         protocol: ``standard``, ``dd`` (DD's unrolled protocol; ``archs``, ``epochs``, ``lr`` and
-            ``dsa`` are then the set's own) or ``auto`` (``dd`` for sets that carry DD settings).
+            ``dsa`` are then the set's own), ``glad`` (GLaD's and LD3M's: warm-up then cosine,
+            EMA 0.995, lr 0.001 / VGG-11 0.0001; see the module docstring) or ``auto`` (``dd``
+            for sets that carry DD settings, else ``standard``).
         progress: Show a progress bar (one tick per trained network, with its accuracy) on
             stderr; every network is also logged on the ``ld3m.evaluation`` logger.
         device: Train on this device (e.g. a DDP rank's ``cuda:3``; default: ``accelerator``'s).
@@ -450,13 +596,19 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
     if baseline and ipc < 1:
         raise ValueError("the random-real baseline needs ipc >= 1")
     if dsa == "auto":  # the authors' evaluation per method: DC alone trains without DSA
-        dc_set = first is not None and first.method == "DC"
+        dc_set = first is not None and first.method == "DC" and protocol != "glad"
         dsa = "none" if dc_set else DEFAULT_DSA
         dc_augment = "auto" if dc_set and dc_augment == "none" else dc_augment
     augments = {arch: dc_augment_for(real.dataset_name, arch) if dc_augment == "auto" else dc_augment
                 for arch in archs}
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
     arch_epochs = {arch: epochs if epochs is not None else (
-        1000 if dsa not in ("", "none") or augments[arch] != "none" else 300) for arch in archs}
+        1000 if protocol == "glad" or dsa not in ("", "none") or augments[arch] != "none" else 300)
+        for arch in archs}
+    arch_lrs = {arch: lr if lr is not None else glad_arch_lr(arch) for arch in archs}
     sets: list[tuple[str, SyntheticSet | None, int]] = []  # (row, set, index among the row's)
     if baseline:
         sets.append((f"random real (IPC {ipc})", None, 0))
@@ -479,6 +631,11 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
                 data, lr=first.lr, extra=first.extra, meta=first.meta)
             acc = train_and_test_dd(data, real, seed=net_seed, run=run, accelerator=accelerator,
                                     precision=precision, device=device)
+        elif protocol == "glad":  # the set and the baseline: the same lr, schedule and EMA
+            acc = train_and_test(data, real, arch, epochs=arch_epochs[arch], lr=arch_lrs[arch],
+                                 dsa=dsa, seed=net_seed, accelerator=accelerator,
+                                 precision=precision, device=device, dc_augment=augments[arch],
+                                 batch_size=batch_size, protocol="glad")
         else:
             acc = train_and_test(data, real, arch, epochs=arch_epochs[arch],
                                  lr=lr if syn is not None else 0.01, dsa=dsa, seed=net_seed,
@@ -501,6 +658,10 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
     settings = {"archs": list(archs), "runs": runs, "epochs": arch_epochs, "dsa": dsa, "ipc": ipc,
                 "dataset": real.dataset_name, "precision": precision, "protocol": protocol,
                 "sets": len(many), "dc_augment": augments, "batch_size": batch_size}
+    if protocol == "glad":
+        settings.update(lr=arch_lrs, ema=GLAD_EMA_BETA, protocol_note=(
+            f"{runs} x GLaD protocol (E epochs, linear warm-up over E // 2 then cosine, "
+            f"EMA {GLAD_EMA_BETA} of the weights tested)"))
     if protocol == "dd":
         settings.update(epochs=dd["epochs"], dsa="none", protocol_note=(
             f"{runs} x DD protocol ({dd['steps']} steps x {dd['epochs']} epochs, learned lrs, "

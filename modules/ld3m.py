@@ -4,7 +4,30 @@ Every synthetic image is rendered by a frozen class-conditional latent diffusion
 (:class:`ld3m.generator.LatentGenerator`) from a learnable latent ``z`` and a learnable class
 embedding ``c``: ``T`` DDIM steps from ``q_sample(z, t_T)`` with LD3M's skip, then the decoder.
 ``z`` starts as the encoding of a random real image of the class, ``c`` as the class's row of
-the denoiser's table; the ``q_sample`` noise is one fixed tensor per image, drawn from ``seed``.
+the denoiser's table.
+
+**Noise** (``noise``): ``fresh`` (the default, as the authors') draws new ``q_sample`` noise at
+every render. In their code (``src/latentdiff/ldm/models/diffusion/ddim.py``, ``ddim_sampling``)
+``q_sample(x_T, ts)`` is called without a noise tensor, so every ``sampler.sample`` draws
+``torch.randn_like``: the scored render of a step and the re-render of their chunked backward
+(``ldm_backward_encode`` in ``src/glad_utils.py``) each get their own. Here the draws come from
+a generator keyed by ``(seed, step, render)`` on the module's device (no host sync; the same on
+every DDP rank), so a run is reproducible and resumable. ``step`` draws one noise per step, shared
+by the scored render and its backward (the gradient is then that of the scored images);
+``fixed`` keeps one tensor per image for the whole run (drawn from ``seed``; ld3m's earlier
+behaviour). The ``noise`` buffer holds the noise of the latest stored render, so an exported
+set can be rendered again exactly.
+
+**Defaults as the authors' scripts** (Brian-Moser/prune_and_distill, ``src/``): classifier-free
+guidance 3.0 and ``ddim_steps`` 10 (``distill_{dm,dc,mtt}_LD3M.py``); one SGD learning rate
+``lr_w`` for ``z`` and ``c`` (``get_optimizer_img_LDM_encode`` in ``glad_utils.py`` puts both
+groups at ``args.lr_w``, momentum 0.5; their ``lr_img`` is unused there): 1 for DM
+(``distill_dm_LD3M.py``), 0.1 for DC (``distill_dc_LD3M.py``), 1000 for MTT
+(``distill_mtt_LD3M.py``); DC with ``outer_loop`` = ``inner_loop`` = 1 and ``lr_net`` 0.01
+(``distill_dc_LD3M.py``); MTT with ``syn_steps`` 10, ``expert_epochs`` 2, ``max_start_epoch`` 2,
+``lr_teacher`` 0.01, ``lr_lr`` 1e-6 (``distill_mtt_LD3M.py``); 10,000 iterations
+(``Iteration`` in ``shared_args.py``; the recipes' ``max_steps``). Their evaluation of the sets
+is ``ld3m evaluate --protocol glad`` (:mod:`ld3m.evaluation`).
 
 The objective is one of the pixel methods' losses, applied to the rendered images: ``dm``
 (:meth:`ld3m.modules.DM.matching_loss`), ``dc`` (:meth:`ld3m.modules.DC.matching_loss`, with
@@ -26,7 +49,8 @@ iteration at T = 10, 1.8 GB against 0.9 GB peak).
 **Training**: manual optimisation (one SGD step of ``z`` and ``c`` per training step). The
 chunked backward runs outside Lightning's backward, into fresh leaves, so DDP's reducer never
 sees it; under DDP the gradients of ``z`` and ``c`` are then averaged across ranks with an
-all-reduce before the step (every rank holds the same ``z``, ``c`` and noise, so they stay equal).
+all-reduce before the step (every rank holds the same ``z`` and ``c`` and draws the same noise,
+so they stay equal).
 
 **What is stored**: ``latents``, ``embeddings`` and the ``noise`` are in the state dict (and
 checkpoints); so are the last rendered ``images`` (a buffer, refreshed lazily by
@@ -56,14 +80,24 @@ from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.generator import LatentGenerator
 from ld3m.synthetic import SyntheticSet
 
-__all__ = ["OBJECTIVES", "LD3M", "rerender"]
+__all__ = ["NOISE_MODES", "OBJECTIVES", "PUBLISHED_LR", "LD3M", "rerender"]
 
 OBJECTIVES = ("dm", "dc", "mtt")
+
+#: The authors' one learning rate of ``z`` and ``c`` per objective (``--lr_w`` of
+#: ``src/distill_dm_LD3M.py``, ``src/distill_dc_LD3M.py``, ``src/distill_mtt_LD3M.py`` in
+#: Brian-Moser/prune_and_distill).
+PUBLISHED_LR = {"dm": 1.0, "dc": 0.1, "mtt": 1000.0}
+
+#: ``noise`` settings: new noise at every render (the authors'), one per step, or one fixed
+#: tensor per image.
+NOISE_MODES = ("fresh", "step", "fixed")
 
 #: Images per generator call when rendering without a graph.
 RENDER_BATCH = 256
 
 _SALT_NOISE = 31
+_SALT_FRESH = 32  # + the render's index within the step (0: scored render, 1: its backward)
 
 
 def _render(gen: LatentGenerator, z: torch.Tensor, c: torch.Tensor, noise: torch.Tensor, steps: int,
@@ -85,30 +119,41 @@ class LD3M(DistillationModule):
         ipc: Synthetic images per class.
         objective: The loss applied to the rendered images: ``dm`` (distribution matching),
             ``dc`` (gradient matching) or ``mtt`` (trajectory matching; needs ``buffer``).
-        steps: DDIM steps ``T`` of each render (more: slower, closer to the model's samples).
-        guidance: Classifier-free guidance scale (1: none; needs a generator with a null class).
+        steps: DDIM steps ``T`` of each render (more: slower, closer to the model's samples;
+            the authors' ``ddim_steps`` 10).
+        guidance: Classifier-free guidance scale (1: none; needs a generator with a null class;
+            the authors' ``unconditional_guidance_scale`` 3.0).
         skip: LD3M's skip from the initial latent (``x0_hat = (1 - i/T') x0_hat + (i/T') z``).
         chunk_size: Images re-rendered per backward pass (bounds the memory); ``None``: one
             render with the whole graph (no re-render; faster where it fits in memory).
-        lr_latent: Learning rate of the latents ``z`` (SGD).
-        lr_embedding: Learning rate of the class embeddings ``c`` (SGD).
+        lr_latent: Learning rate of the latents ``z`` (SGD); ``None``: the objective's published
+            value, one lr for ``z`` and ``c`` as the authors' ``lr_w``: dm 1, dc 0.1, mtt 1000.
+        lr_embedding: Learning rate of the class embeddings ``c`` (SGD); ``None``: as
+            ``lr_latent``'s default (the objective's published value).
         momentum: Momentum of the SGD of ``z`` and ``c``.
         network: Network of the objective (see ``ld3m.networks``; default ``ConvNet``). ``mtt``
             trains the buffer's network: the default is then the buffer's, and another name
             is refused.
         dsa: DSA strategy of the objective; ``"none"`` disables it.
         lr_net: ``dc``: learning rate of the network's inner SGD.
-        outer_loop: ``dc``: image updates per random network (default: DC's, by IPC).
-        inner_loop: ``dc``: network SGD steps between updates (default: DC's, by IPC).
+        outer_loop: ``dc``: image updates per random network (the authors' LD3M script: 1, a
+            new network every step; ``None``: pixel DC's, by IPC).
+        inner_loop: ``dc``: epochs of the network's SGD between updates (the authors' LD3M
+            script: 1, unused with ``outer_loop`` 1; ``None``: pixel DC's, by IPC).
         buffer: ``mtt``: folder of expert trajectories (``ld3m buffer``) of the same data.
-        syn_steps: ``mtt``: student SGD steps per iteration (N).
+        syn_steps: ``mtt``: student SGD steps per iteration (N; the authors' LD3M script: 10).
         expert_epochs: ``mtt``: expert epochs the student must cover (M).
-        max_start_epoch: ``mtt``: start epochs are drawn from ``[min_start_epoch, max_start_epoch)``.
+        max_start_epoch: ``mtt``: start epochs are drawn from ``[min_start_epoch, max_start_epoch)``
+            (the authors' LD3M script: 2).
         min_start_epoch: ``mtt``: lower end of the start epochs.
         lr_teacher: ``mtt``: initial (learnable) student learning rate.
-        lr_lr: ``mtt``: SGD learning rate of the student learning rate.
+        lr_lr: ``mtt``: SGD learning rate of the student learning rate (theirs: 1e-6).
         batch_syn: ``mtt``: synthetic images per student step (default: all).
         mtt_gradient: ``mtt``: ``unroll``, ``recompute`` or ``auto`` (as MTT's ``gradient``).
+        noise: The ``q_sample`` noise of the renders: ``fresh`` (new noise at every render, as
+            the authors': the scored render and the chunked backward's re-render draw their
+            own), ``step`` (one draw per step for both) or ``fixed`` (one tensor per image for
+            the whole run). Draws are keyed by seed and step: reproducible, equal on every rank.
         seed: Seed of the initialisation, the noise and every random draw of the objective.
         num_classes: Number of classes (default: from the data module).
         image_shape: ``(C, H, W)`` (default: from the data module).
@@ -118,23 +163,29 @@ class LD3M(DistillationModule):
     lr_flag = "--model.lr_latent"
 
     def __init__(self, generator: str, ipc: int = 10, objective: str = "dm", steps: int = 10,
-                 guidance: float = 1.0, skip: bool = True, chunk_size: int | None = 10,
-                 lr_latent: float = 0.01, lr_embedding: float = 0.01, momentum: float = 0.5,
-                 network: str | None = None, dsa: str = DEFAULT_DSA, lr_net: float = 0.01,
-                 outer_loop: int | None = None, inner_loop: int | None = None,
-                 buffer: str | None = None, syn_steps: int = 20, expert_epochs: int = 2,
-                 max_start_epoch: int = 20, min_start_epoch: int = 0, lr_teacher: float = 0.01,
-                 lr_lr: float = 1e-5, batch_syn: int | None = None, mtt_gradient: str = "auto",
-                 seed: int = 0, num_classes: int | None = None,
+                 guidance: float = 3.0, skip: bool = True, chunk_size: int | None = 10,
+                 lr_latent: float | None = None, lr_embedding: float | None = None,
+                 momentum: float = 0.5, network: str | None = None, dsa: str = DEFAULT_DSA,
+                 lr_net: float = 0.01, outer_loop: int | None = 1, inner_loop: int | None = 1,
+                 buffer: str | None = None, syn_steps: int = 10, expert_epochs: int = 2,
+                 max_start_epoch: int = 2, min_start_epoch: int = 0, lr_teacher: float = 0.01,
+                 lr_lr: float = 1e-6, batch_syn: int | None = None, mtt_gradient: str = "auto",
+                 noise: str = "fresh", seed: int = 0, num_classes: int | None = None,
                  image_shape: tuple[int, int, int] | None = None) -> None:
-        for name, value in (("lr_latent", lr_latent), ("lr_embedding", lr_embedding),
-                            ("lr_net", lr_net), ("lr_teacher", lr_teacher), ("lr_lr", lr_lr)):
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive number, got {value}")
-        super().__init__(ipc=ipc, init="real", lr_img=lr_latent, momentum=momentum, seed=seed)
         objective = str(objective).lower()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        noise = str(noise).lower()
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        # the objective's published lr where none is given (one lr for z and c, as theirs)
+        lr_latent = PUBLISHED_LR[objective] if lr_latent is None else lr_latent
+        lr_embedding = PUBLISHED_LR[objective] if lr_embedding is None else lr_embedding
+        for name, value in (("lr_latent", lr_latent), ("lr_embedding", lr_embedding),
+                            ("lr_net", lr_net), ("lr_teacher", lr_teacher), ("lr_lr", lr_lr)):
+            if isinstance(value, bool) or not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        super().__init__(ipc=ipc, init="real", lr_img=lr_latent, momentum=momentum, seed=seed)
         if objective == "mtt":
             if not buffer:
                 raise ValueError("objective 'mtt' needs a buffer of expert trajectories "
@@ -166,7 +217,10 @@ class LD3M(DistillationModule):
         if not folder.is_dir():
             raise FileNotFoundError(f"no LD3M generator folder at {folder} (make one with `ld3m prior`)")
         self.save_hyperparameters()
+        # checkpoints (and the logged hparams) record the learning rates actually used
+        self.hparams["lr_latent"], self.hparams["lr_embedding"] = lr_latent, lr_embedding
         self.generator_dir = str(folder.resolve())
+        self.noise_mode = noise
         self.objective = objective
         self.steps = int(steps)
         self.chunk_size = int(chunk_size) if chunk_size is not None else None
@@ -189,6 +243,7 @@ class LD3M(DistillationModule):
         # the state dict, checkpoints and DDP).
         self._frozen: dict[str, Any] = {}
         self._stale = True  # self.images is older than the latents
+        self._loaded_step = 0  # the step of a loaded checkpoint (renders outside a trainer)
         self.automatic_optimization = False
         if num_classes is not None and image_shape is not None:
             self._allocate(int(num_classes), tuple(image_shape))
@@ -296,9 +351,37 @@ class LD3M(DistillationModule):
                              f"the buffer has {helper.buffer.epochs}")
 
     # ------------------------------------------------------------------------------ rendering
-    def render(self) -> torch.Tensor:
-        """Render the current latents (no graph) and store them in ``images``; returns them."""
+    def render_noise(self, step: int, render: int = 0) -> torch.Tensor:
+        """The ``q_sample`` noise of render ``render`` (0: the scored render, 1: the chunked
+        backward's re-render) of training step ``step``, shaped like the latents.
+
+        ``fixed``: the ``noise`` buffer. ``fresh``: a new draw for every ``(step, render)``;
+        ``step``: one draw per step (``render`` ignored). The draws come from a generator keyed
+        by the seed and ``step`` (not the rank), on this module's device: no host sync, the same
+        noise on every DDP rank, the same again for the same step.
+        """
+        if self.latents is None:
+            raise ValueError("LD3M has no latents yet: fit it or give num_classes and image_shape")
+        if self.noise_mode == "fixed":
+            return self.noise
+        salt = _SALT_FRESH + (int(render) if self.noise_mode == "fresh" else 0)
+        generator = self.device_generator(self.shared_generator(int(step), salt))
+        return self.latent_generator().draw_noise(len(self.latents), generator,
+                                                  device=self.noise.device, dtype=self.noise.dtype)
+
+    def _current_step(self) -> int:
+        """The trainer's ``global_step``; outside a trainer, that of the loaded checkpoint (so a
+        restored module renders the images the run exported)."""
+        return self.global_step if self._trainer is not None else self._loaded_step
+
+    def render(self, step: int | None = None) -> torch.Tensor:
+        """Render the current latents (no graph) with the noise of step ``step`` (default: the
+        trainer's ``global_step``, or a loaded checkpoint's outside a trainer) and store them in
+        ``images`` and their noise in ``noise``; returns the images."""
         gen = self.latent_generator()
+        noise = self.render_noise(self._current_step() if step is None else step, 0)
+        if noise is not self.noise:
+            self.noise.copy_(noise)  # what rendered the stored images (exported, re-renderable)
         images = _render(gen, self.latents.detach(), self.embeddings.detach(), self.noise,
                          self.steps, self.skip, self.guidance)
         self.images.copy_(images)
@@ -313,11 +396,14 @@ class LD3M(DistillationModule):
             self.render()
         return self.images.detach()
 
-    def backward_images(self, image_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward_images(self, image_grad: torch.Tensor,
+                        step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``dLoss/dImages`` -> gradients of the latents and embeddings, by the chunked backward.
 
         The gradients are computed into detached leaves (DDP's reducer never sees them), averaged
-        across DDP ranks, and added to ``latents.grad`` and ``embeddings.grad``.
+        across DDP ranks, and added to ``latents.grad`` and ``embeddings.grad``. The re-render
+        uses :meth:`render_noise` ``(step, 1)`` (default step: ``global_step``): with ``noise``
+        ``fresh`` a draw of its own, as the authors' ``ldm_backward_encode``.
 
         Returns:
             The (averaged) gradients of ``z`` and ``c``.
@@ -325,8 +411,9 @@ class LD3M(DistillationModule):
         gen = self.latent_generator()
         z = self.latents.detach().requires_grad_()
         c = self.embeddings.detach().requires_grad_()
+        noise = self.render_noise(self._current_step() if step is None else step, 1)
         gen.backward_in_chunks(z, c, image_grad, self.steps, self.chunk_size or len(z),
-                               noise=self.noise, skip=self.skip, guidance=self.guidance)
+                               noise=noise, skip=self.skip, guidance=self.guidance)
         return self._accumulate(z.grad, c.grad)
 
     def _accumulate(self, z_grad: torch.Tensor | None,
@@ -380,17 +467,18 @@ class LD3M(DistillationModule):
             z = self.latents.detach().requires_grad_()
             c = self.embeddings.detach().requires_grad_()
             x = self.latent_generator().render(z, c, self.steps, skip=self.skip,
-                                               guidance=self.guidance, noise=self.noise)
+                                               guidance=self.guidance,
+                                               noise=self.render_noise(step, 0))
             loss = self.check_finite(self.objective_loss(x.float(), real, step,
                                                          self.step_generator()))
             z_grad, c_grad, *lr_grad = torch.autograd.grad(loss, [z, c, *lr_leaf],
                                                            allow_unused=True)
             z_grad, c_grad = self._accumulate(z_grad, c_grad)
         else:  # render without a graph, then the chunked backward from dLoss/dImages
-            x = self.render().detach().float().requires_grad_()
+            x = self.render(step).detach().float().requires_grad_()
             loss = self.check_finite(self.objective_loss(x, real, step, self.step_generator()))
             image_grad, *lr_grad = torch.autograd.grad(loss, [x, *lr_leaf])
-            z_grad, c_grad = self.backward_images(image_grad)
+            z_grad, c_grad = self.backward_images(image_grad, step)
         if lr_grad:
             self.syn_lr.grad = self._all_reduce([lr_grad[0]])[0]
             self.log("syn_lr", self.syn_lr.detach())
@@ -420,10 +508,11 @@ class LD3M(DistillationModule):
                           "noise": self.noise.detach().float().cpu().clone()},
                 "meta": {"ld3m": {"generator": self.generator_dir, "steps": self.steps,
                                   "skip": self.skip, "guidance": self.guidance,
-                                  "objective": self.objective}}}
+                                  "objective": self.objective, "noise": self.noise_mode}}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        self._loaded_step = int(checkpoint.get("global_step", 0))
         self._stale = True
 
 

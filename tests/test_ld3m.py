@@ -112,14 +112,17 @@ def test_bad_arguments(gen_dir: Path, tmp_path: Path):
 # ---------------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("objective", ["dm", "dc"])
 def test_chunked_gradient_equals_full_graph(gen_dir: Path, data: TinyData, objective: str):
-    """The render-without-graph + chunked backward gives the gradient of one full-graph render."""
+    """The render-without-graph + chunked backward gives the gradient of one full-graph render
+    (with the same noise in both: ``noise="fixed"``; ``fresh`` re-renders with other noise, as the
+    authors')."""
     model = _model(gen_dir, num_classes=3, image_shape=(1, 16, 16), chunk_size=4,
-                   objective=objective)
+                   objective=objective, noise="fixed")
     model.initialise(data)
     real = data.sample_per_class(4, torch.Generator().manual_seed(1))
     gen = model.latent_generator()
 
-    images = gen.render(model.latents, model.embeddings, STEPS, noise=model.noise)
+    images = gen.render(model.latents, model.embeddings, STEPS, noise=model.noise,
+                        guidance=model.guidance)
     full = model.objective_loss(images, real, 0, torch.Generator().manual_seed(5))
     full.backward()
     z_full, c_full = model.latents.grad.clone(), model.embeddings.grad.clone()
@@ -141,7 +144,7 @@ def test_chunked_gradient_equals_full_graph(gen_dir: Path, data: TinyData, objec
 
 def test_dm_loss_decreases_on_a_fixed_batch(gen_dir: Path, data: TinyData):
     model = _model(gen_dir, num_classes=3, image_shape=(1, 16, 16), lr_latent=0.05,
-                   lr_embedding=0.05, dsa="none")
+                   lr_embedding=0.05, dsa="none", noise="fixed")
     model.initialise(data)
     real = data.sample_per_class(8, torch.Generator().manual_seed(1))
     opt = model.configure_optimizers()
@@ -277,7 +280,8 @@ def test_mtt_objective_trains_the_buffers_network(gen_dir: Path, data: TinyData,
 def test_one_full_graph_render_trains_like_the_chunked_backward(gen_dir: Path,
                                                                 tmp_path: Path, objective: str):
     """``chunk_size=None`` (one render with the graph) and the chunked backward take the same
-    steps: the latents, embeddings and (mtt) student lr agree after a short fit."""
+    steps: the latents, embeddings and (mtt) student lr agree after a short fit (with one noise
+    per step, ``noise="step"``: ``fresh`` gives the chunked backward's re-render its own)."""
     extra = {}
     if objective == "mtt":
         from test_mtt import write_buffer
@@ -288,7 +292,7 @@ def test_one_full_graph_render_trains_like_the_chunked_backward(gen_dir: Path,
     fitted = []
     for chunk_size in (4, None):
         model = _model(gen_dir, objective=objective, chunk_size=chunk_size, lr_latent=0.05,
-                       lr_embedding=0.05, **extra)
+                       lr_embedding=0.05, noise="step", **extra)
         initial = _Initial()
         cpu_trainer(tmp_path / str(chunk_size), max_steps=3, callbacks=[initial]).fit(
             model, datamodule=TinyData(data_dir=str(tmp_path), batch_per_class=4))
@@ -316,7 +320,10 @@ def test_recipes_parse_through_the_cli(gen_dir: Path, ipc: int, capsys):
     args = recipe["model"]["init_args"]
     assert recipe["model"]["class_path"] == "ld3m.modules.LD3M"
     assert (args["ipc"], args["objective"], args["steps"], args["skip"]) == (ipc, "dm", 10, True)
-    assert recipe["trainer"]["max_steps"] == 20000
+    # the authors' distill_dm_LD3M.py / shared_args.py: guidance 3, lr_w 1, 10,000 iterations
+    assert (args["guidance"], args["lr_latent"], args["lr_embedding"], args["noise"]) == (
+        3.0, 1.0, 1.0, "fresh")
+    assert recipe["trainer"]["max_steps"] == 10000
     assert recipe["evaluation"]["archs"].split(",") == ["ConvNet", "AlexNet", "VGG11", "ResNet18"]
     assert main(["fit", "--config", str(path), "--model.init_args.generator", str(gen_dir),
                  "--print_config"]) == 0
