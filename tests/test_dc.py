@@ -432,10 +432,15 @@ CONFIG_DIR = Path(__file__).parent.parent / "ld3m" / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("d[cs]*_ipc*.yaml"))
 
 
+DATA_CLASSES = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10",
+                "cifar100": "CIFAR100", "svhn": "SVHN"}
+DIGITS = ("mnist", "svhn")  # DatasetCondensation readme.md: no flip for the digit datasets
+
+
 def test_every_recipe_exists() -> None:
     names = {p.stem for p in CONFIGS}
     for method in ("dc", "dsa"):
-        for data in ("fashionmnist", "mnist", "cifar10", "cifar100"):
+        for data in DATA_CLASSES:
             for ipc in (1, 10, 50):
                 assert f"{method}_{data}_ipc{ipc}" in names
 
@@ -448,6 +453,7 @@ def test_recipe_settings(path: Path) -> None:
     outer, inner = default_loops(ipc)
     model = recipe["model"]["init_args"]
     assert recipe["model"]["class_path"] == f"ld3m.modules.{method.upper()}"
+    assert recipe["data"]["class_path"] == f"ld3m.datamodules.{DATA_CLASSES[data]}"
     assert (model["ipc"], model["outer_loop"], model["inner_loop"]) == (ipc, outer, inner)
     assert (model["lr_img"], model["momentum"], model["lr_net"]) == (0.1, 0.5, 0.01)
     assert recipe["data"]["init_args"]["batch_per_class"] == 256
@@ -456,16 +462,14 @@ def test_recipe_settings(path: Path) -> None:
     assert evaluation["runs"] == 5
     if method == "dc":
         assert (model["init"], model["dsa"]) == ("noise", "none")
-        names = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10",
-                 "cifar100": "CIFAR100"}
-        augment = dc_augment_for(names[data], "ConvNet")  # the authors' get_daparam
+        augment = dc_augment_for(DATA_CLASSES[data], "ConvNet")  # the authors' get_daparam
         assert evaluation.get("dc_augment", "none") == augment
         assert evaluation["dsa"] == "none"
         assert evaluation["epochs"] == (300 if augment == "none" else 1000)
     else:
         assert model["init"] == "real" and evaluation["epochs"] == 1000
         assert evaluation.get("dsa", DEFAULT_STRATEGY) != "none"
-    if data == "mnist":
+    if data in DIGITS:
         assert "flip" not in model["dsa"] and "flip" not in evaluation.get("dsa", "flip")
     else:
         assert method == "dc" or model["dsa"] == DEFAULT_STRATEGY
@@ -476,3 +480,55 @@ def test_recipe_parses(name: str, capsys) -> None:
     assert main(["fit", "--config", str(CONFIG_DIR / f"{name}.yaml"), "--print_config"]) == 0
     out = capsys.readouterr().out
     assert f"class_path: ld3m.modules.{name.split('_')[0].upper()}" in out
+
+
+# VICO-UoE/DatasetCondensation (commit 53f63a6) for SVHN: utils.py get_loops (outer, inner),
+# readme.md (DSA: --init real, color_crop_cutout_scale_rotate for the digit datasets MNIST and
+# SVHN; Table 1 for DC's accuracy, Table 2 for DSA's), main.py (evaluation: 300 epochs, or 1000
+# with DSA or a DC augmentation; get_daparam gives SVHN none).
+SVHN_PUBLISHED = [
+    # method, ipc, outer, inner, init, strategy, evaluation epochs, evaluation DSA, accuracy
+    ("dc", 1, 1, 1, "noise", "none", 300, "none", 31.2),
+    ("dc", 10, 10, 50, "noise", "none", 300, "none", 76.1),
+    ("dc", 50, 50, 10, "noise", "none", 300, "none", 82.3),
+    ("dsa", 1, 1, 1, "real", "color_crop_cutout_scale_rotate", 1000, "color_crop_cutout_scale_rotate", 27.5),
+    ("dsa", 10, 10, 50, "real", "color_crop_cutout_scale_rotate", 1000, "color_crop_cutout_scale_rotate", 79.2),
+    ("dsa", 50, 50, 10, "real", "color_crop_cutout_scale_rotate", 1000, "color_crop_cutout_scale_rotate", 84.4),
+]
+
+
+@pytest.mark.parametrize("method, ipc, outer, inner, init, strategy, epochs, eval_dsa, accuracy",
+                         SVHN_PUBLISHED, ids=[f"{row[0]}_svhn_ipc{row[1]}" for row in SVHN_PUBLISHED])
+def test_svhn_recipe_is_the_published_setting(method: str, ipc: int, outer: int, inner: int,
+                                              init: str, strategy: str, epochs: int, eval_dsa: str,
+                                              accuracy: float, capsys) -> None:
+    name = f"{method}_svhn_ipc{ipc}"
+    assert main(["fit", "--config", name, "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == f"ld3m.modules.{method.upper()}"
+    assert printed["data"]["class_path"] == "ld3m.datamodules.SVHN"
+    model = printed["model"]["init_args"]
+    assert (model["ipc"], model["outer_loop"], model["inner_loop"], model["init"],
+            model["dsa"]) == (ipc, outer, inner, init, strategy)
+    assert (model["lr_img"], model["momentum"], model["lr_net"], model["network"]) == (
+        0.1, 0.5, 0.01, "ConvNet")
+    assert printed["data"]["init_args"]["batch_per_class"] == 256
+    assert printed["trainer"]["max_steps"] == 1000 * outer
+    evaluation = printed["evaluation"]
+    assert (evaluation["epochs"], evaluation["dsa"], evaluation["archs"]) == (epochs, eval_dsa,
+                                                                              "ConvNet")
+    if method == "dc":  # the evaluation augmentation is get_daparam's for SVHN: none
+        assert dc_augment_for("SVHN", "ConvNet") == "none"
+        assert evaluation["dc_augment"] == "none"
+    header = (CONFIG_DIR / f"{name}.yaml").read_text()
+    assert f"Published ConvNet accuracy: {accuracy}%" in header
+    assert "VICO-UoE/DatasetCondensation" in header  # the source is cited
+
+
+def test_svhn_data_is_the_authors() -> None:
+    """DatasetCondensation utils.py get_dataset('SVHN'): 3x32x32, 10 classes, their mean/std."""
+    from ld3m.datamodules import SVHN
+
+    assert (SVHN.num_classes, SVHN.image_shape) == (10, (3, 32, 32))
+    assert SVHN.mean == (0.4377, 0.4438, 0.4728)
+    assert SVHN.std == (0.1980, 0.2010, 0.1970)
