@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from ld3m.evaluation import EvalReport, evaluate
+from ld3m.evaluation import PROTOCOLS, EvalReport, evaluate
 from ld3m.files import atomic_write
 from ld3m.loggers import log_table
 from ld3m.outputs import check_before_writing, output_dir_of
@@ -53,12 +53,15 @@ class PeriodicEvaluation(L.Callback):
             ``auto``: the authors' choice per dataset and network; see ``ld3m.evaluation``).
         batch_size: Minibatch of the evaluation training (the papers' 256; DATM's recipes 128).
         keep_best: Also keep the set of the best evaluation (see above).
+        protocol: The evaluation protocol (see ``ld3m.evaluation.evaluate``): ``auto`` (DD's
+            for DD sets, else ``standard``), ``standard``, ``dd`` or ``glad`` (GLaD's and
+            LD3M's: warm-up then cosine, EMA of the weights; ``epochs`` is then exactly ``E``).
     """
 
     def __init__(self, every_n_steps: int = 0, at_end: bool = True, archs: list[str] | str = "ConvNet",
                  runs: int = 3, epochs: int = 300, dsa: str = "auto", baseline: bool = True,
                  precision: str | None = None, seed: int = 0, dc_augment: str = "none",
-                 batch_size: int = 256, keep_best: bool = False) -> None:
+                 batch_size: int = 256, keep_best: bool = False, protocol: str = "auto") -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if batch_size < 1:
@@ -77,6 +80,9 @@ class PeriodicEvaluation(L.Callback):
         self.dc_augment = dc_augment
         self.batch_size = batch_size
         self.keep_best = keep_best
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        self.protocol = protocol
         #: ``{"step", "arch", "mean", "std"}`` of the best evaluation so far (``keep_best``)
         self.best: dict[str, Any] | None = None
         self.last_report: EvalReport | None = None
@@ -92,7 +98,7 @@ class PeriodicEvaluation(L.Callback):
                           seed=self.seed, precision=self.precision, progress=False,
                           dc_augment=self.dc_augment, batch_size=self.batch_size,
                           device=pl_module.device, rank=trainer.global_rank,
-                          world_size=trainer.world_size)
+                          world_size=trainer.world_size, protocol=self.protocol)
         self.last_report = report
         step = trainer.global_step
         name = f"{pl_module.method_name} (IPC {pl_module.ipc})"

@@ -81,3 +81,27 @@ def test_keep_best_with_the_real_evaluation(data_dir: Path, tmp_path: Path) -> N
     best = report["settings"]["best"]
     assert best["step"] in (1, 2)
     assert SyntheticSet.load(root / "synthetic.best.safetensors").ipc == 1
+
+
+def test_the_periodic_evaluation_takes_the_protocol(data_dir: Path, tmp_path: Path, monkeypatch,
+                                                     capsys) -> None:
+    """``--evaluation.protocol glad`` (the LD3M recipes') reaches the evaluation; a bad name is
+    one ``error:`` line before any training."""
+    protocols = []
+
+    def fake(synthetic, real, **kwargs):
+        protocols.append(kwargs["protocol"])
+        name = f"{synthetic.method} (IPC {synthetic.ipc})"
+        return EvalReport([EvalResult(name, kwargs["archs"][0], [0.5])], {})
+
+    monkeypatch.setattr(evaluation_module, "evaluate", fake)
+    root = tmp_path / "run"
+    assert main(_fit(root, "--evaluation.at_end", "true", "--evaluation.protocol", "glad",
+                     "--evaluation.baseline", "false", "--evaluation.archs", NET, steps=1)) == 0
+    assert protocols == ["glad"]
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main(_fit(bad, "--evaluation.protocol", "gald", steps=1)) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "glad" in err
+    assert not (bad / "synthetic.safetensors").exists()
