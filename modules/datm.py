@@ -11,9 +11,12 @@ MTT (see :mod:`ld3m.modules.mtt`) plus:
    correctly (at its final epoch) of that expert's logits; the student's steps use the soft
    cross-entropy against their softmax, and the logits are trained too (SGD ``lr_y``, momentum
    0.9);
-3. images start from real images that expert 0 classifies correctly (its logits on the
+3. images start, with ``init="correct"`` (their ``pix_init: samples_predicted_correctly``,
+   the default), from real images that expert 0 classifies correctly (its logits on the
    training set: the buffer's stored ones, ``ld3m buffer --logits true``, else computed once
-   with its final parameters and stored back);
+   with its final parameters and stored back); with ``init="real"`` (their ``pix_init: real``,
+   e.g. ``configs/CIFAR-100/ConvIN/IPC50.yaml``) from random real images, the soft labels then
+   starting as expert 0's final logits on them (``buffer[0][-1]`` in their ``distill/DATM.py``);
 4. a step whose matching loss exceeds ``threshold`` is skipped (on every rank).
 
 The exported set carries the soft labels, which ``ld3m evaluate`` trains against. The
@@ -40,6 +43,9 @@ from ld3m.trajectories import unflatten
 
 log = logging.getLogger("ld3m")
 
+#: DATM's initialisations (their ``pix_init``: ``samples_predicted_correctly`` and ``real``).
+DATM_INITS = ("correct", "real")
+
 
 class DATM(MTT):
     """Difficulty-aligned trajectory matching with learnable soft labels.
@@ -47,7 +53,10 @@ class DATM(MTT):
     Args:
         buffer: Folder of expert trajectories (``ld3m buffer``, ideally with ``--logits true``).
         ipc: Synthetic images per class.
-        init: Must be ``"real"`` (correctly classified real images).
+        init: ``"correct"``: real images expert 0 classifies correctly, soft labels the mean
+            logits of the experts that classify each correctly (their
+            ``samples_predicted_correctly``); ``"real"``: random real images, soft labels expert
+            0's logits (their ``pix_init: real``).
         syn_steps: Student SGD steps per iteration.
         expert_epochs: Expert epochs the student must cover.
         max_start_epoch: Final upper bound of the start epochs.
@@ -73,7 +82,7 @@ class DATM(MTT):
 
     method_name = "DATM"
 
-    def __init__(self, buffer: str, ipc: int = 10, init: str = "real", syn_steps: int = 80,
+    def __init__(self, buffer: str, ipc: int = 10, init: str = "correct", syn_steps: int = 80,
                  expert_epochs: int = 2, max_start_epoch: int = 25, min_start_epoch: int = 0,
                  current_max_start_epoch: int | None = 20, expansion_end: int = 3000,
                  lr_img: float = 1000.0, lr_lr: float = 1e-5, lr_teacher: float = 0.01,
@@ -82,8 +91,9 @@ class DATM(MTT):
                  student_autocast: bool = False, seed: int = 0, num_classes: int | None = None,
                  image_shape: tuple[int, int, int] | None = None,
                  experts: str = "shuffled") -> None:
-        if init != "real":
-            raise ValueError("DATM starts from correctly classified real images: init must be 'real'")
+        if init not in DATM_INITS:
+            raise ValueError(f"DATM starts from real images: init must be one of "
+                             f"{', '.join(DATM_INITS)}, got {init!r}")
         if not lr_y > 0:
             raise ValueError(f"lr_y must be positive, got {lr_y}")
         if not threshold > 0:
@@ -93,13 +103,14 @@ class DATM(MTT):
             raise ValueError(f"need min_start_epoch < current_max_start_epoch <= max_start_epoch, "
                              f"got {min_start_epoch}, {current_max_start_epoch}, {max_start_epoch}")
         self.soft_labels: nn.Parameter | None = None
-        super().__init__(buffer=buffer, ipc=ipc, init=init, syn_steps=syn_steps,
+        super().__init__(buffer=buffer, ipc=ipc, init="real", syn_steps=syn_steps,
                          expert_epochs=expert_epochs, max_start_epoch=max_start_epoch,
                          min_start_epoch=min_start_epoch, lr_img=lr_img, lr_lr=lr_lr,
                          lr_teacher=lr_teacher, momentum=momentum, batch_syn=batch_syn, dsa=dsa,
                          gradient=gradient, student_autocast=student_autocast, seed=seed,
                          num_classes=num_classes, image_shape=image_shape, experts=experts)
         self.save_hyperparameters()
+        self.init = init
         self.current_max_start_epoch = current_max_start_epoch
         self.expansion_end = expansion_end
         self.lr_y = lr_y
@@ -179,9 +190,25 @@ class DATM(MTT):
         assert first is not None
         return torch.where(count > 0, total / count.clamp(min=1), first)
 
+    @torch.no_grad()
+    def expert0_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Expert 0's logits at its final epoch on ``images`` (``init="real"``'s soft labels)."""
+        net = self.build_network(self.buffer.info["network"]).eval()
+        flat = self.buffer.rows(0, [self.buffer.epochs])[0]
+        params = unflatten(flat, self.buffer.info["params"])
+        with conv_backend(torch.device("cpu")):
+            return torch.cat([functional_call(net, params, (part,)).float()
+                              for part in images.float().split(1024)])
+
     def initialise(self, dm) -> None:
-        """Correctly classified real images of every class (expert 0's), and their soft labels
-        (the mean over the experts that classify each correctly)."""
+        """``init="correct"``: correctly classified real images of every class (expert 0's), and
+        their soft labels (the mean over the experts that classify each correctly);
+        ``init="real"``: random real images, and expert 0's logits on them."""
+        if self.init == "real":
+            super().initialise(dm)
+            with torch.no_grad():
+                self.soft_labels.copy_(self.expert0_logits(self.images.detach().cpu()))
+            return
         logits = self.expert_logits(dm)
         labels = dm.train_split.labels
         correct = logits.argmax(1) == labels

@@ -74,6 +74,29 @@ def test_init_uses_correctly_classified_images_and_their_logits(tmp_path: Path, 
     assert torch.allclose(soft, model.initial_soft_labels(images, model.labels), atol=1e-5)
 
 
+def test_init_real_takes_random_real_images_and_expert_0s_logits(tmp_path: Path, fmnist) -> None:
+    """Their ``pix_init: real`` (CIFAR-100 IPC 50): random real images, wrong ones included,
+    soft labels = expert 0's final logits on them (not the mean over the correct experts)."""
+    from ld3m.networks import get_network
+
+    buffer = _fmnist_buffer(tmp_path / "buffer", fmnist)
+    model = DATM(str(buffer), ipc=3, init="real", syn_steps=2, max_start_epoch=4,
+                 current_max_start_epoch=2, expansion_end=4, gradient="recompute")
+    cpu_trainer(tmp_path, 0).fit(model, datamodule=fmnist)  # set-up only
+    drawn = fmnist.sample_per_class(3, torch.Generator().manual_seed(0)).flatten(0, 1)
+    assert torch.equal(model.images.detach(), drawn), "not the seeded random real draw"
+    expert = TrajectoryBuffer(buffer)[0]
+    net = get_network("ConvNetW32", 1, 10, 28).eval()
+    net.load_state_dict(expert.parameters_at(expert.epochs), strict=False)
+    with torch.no_grad():
+        expected = net(drawn)
+    assert torch.allclose(model.soft_labels.detach(), expected, atol=1e-5)
+    correct = DATM(str(buffer), ipc=3, syn_steps=2, max_start_epoch=4, current_max_start_epoch=2,
+                   expansion_end=4, gradient="recompute")
+    cpu_trainer(tmp_path / "c", 0).fit(correct, datamodule=fmnist)
+    assert not torch.equal(correct.images.detach(), model.images.detach())
+
+
 def test_soft_labels_start_as_the_mean_over_the_experts_that_are_right(tmp_path: Path) -> None:
     """DATM.py: every expert of every buffer file, at Label_Model_Timestamp -1 (the last epoch),
     logits on the synthetic images; per image, the mean over the experts whose argmax is the
@@ -169,7 +192,7 @@ def test_threshold_skips_updates(tmp_path: Path, fmnist) -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"init": "noise"}, "init must be 'real'"),
+    ({"init": "noise"}, "init must be one of correct, real"),
     ({"lr_y": 0.0}, "lr_y"),
     ({"threshold": 0.0}, "threshold"),
     ({"current_max_start_epoch": 30}, "current_max_start_epoch"),

@@ -113,6 +113,8 @@ def test_datm_cifar100_recipe_is_their_config(ipc: int, capsys) -> None:
                 "lr_lr", "lr_teacher", "lr_y", "batch_syn", "threshold"):
         assert model[key] == theirs[key], key
     assert model["ipc"] == ipc and model["dsa"] == DEFAULT_STRATEGY  # utils/cfg.py dsa_strategy
+    # pix_init: samples_predicted_correctly at IPC 1 and 10, real at IPC 50
+    assert model["init"] == ("real" if ipc == 50 else "correct")
     if theirs["Sequential_Generation"]:
         assert model["current_max_start_epoch"] == theirs["current_max_start_epoch"]
         assert model["expansion_end"] == theirs["expansion_end_epoch"]
