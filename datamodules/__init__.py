@@ -1,6 +1,9 @@
 """LightningDataModules for real data and distilled sets: ``from ld3m.datamodules import FashionMNIST``."""
 
+# real first: its registry imports imagenet.py, whose classes subclass real's
+from ld3m.datamodules import real  # noqa: F401
 from ld3m.datamodules.distilled import DistilledDataModule
+from ld3m.datamodules.imagenet import IMAGENET_SUBSETS, ImageNetSubset, TinyImageNet
 from ld3m.datamodules.real import (
     CIFAR10,
     CIFAR100,
@@ -14,6 +17,7 @@ from ld3m.datamodules.real import (
 )
 
 __all__ = [
-    "CIFAR10", "CIFAR100", "DATASETS", "MNIST", "SVHN", "ClassBalancedStream", "DistilledDataModule",
-    "FashionMNIST", "ImageFolderData", "RealDataModule",
+    "CIFAR10", "CIFAR100", "DATASETS", "IMAGENET_SUBSETS", "MNIST", "SVHN", "ClassBalancedStream",
+    "DistilledDataModule", "FashionMNIST", "ImageFolderData", "ImageNetSubset", "RealDataModule",
+    "TinyImageNet",
 ]

@@ -690,7 +690,12 @@ class ImageFolderData(RealDataModule):
         return ds
 
 
+# Tiny-ImageNet and MTT's ImageNet subsets live in imagenet.py (they subclass RealDataModule, so
+# they are imported once it is defined)
+from ld3m.datamodules.imagenet import ImageNetSubset, TinyImageNet  # noqa: E402
+
 DATASETS: dict[str, type[RealDataModule]] = {
     "FashionMNIST": FashionMNIST, "MNIST": MNIST, "CIFAR10": CIFAR10, "CIFAR100": CIFAR100,
-    "SVHN": SVHN, "ImageFolder": ImageFolderData,
+    "SVHN": SVHN, "ImageFolder": ImageFolderData, "TinyImageNet": TinyImageNet,
+    "ImageNetSubset": ImageNetSubset,
 }
