@@ -7,7 +7,9 @@ and renders the image by running a pretrained class-conditional latent diffusion
 - ``vae``: the first stage, an :class:`~diffusers.AutoencoderKL` or a :class:`~diffusers.VQModel`;
 - ``denoiser``: a class-conditional :class:`~diffusers.UNet2DModel` built with
   ``class_embed_type=None`` and ``num_class_embeds=K`` (or ``K + 1``, the last row being the
-  *null* class of classifier-free guidance);
+  *null* class of classifier-free guidance), or a :class:`~diffusers.DiTTransformer2DModel`
+  (a diffusers ``DiTPipeline`` folder such as ``facebook/DiT-XL-2-256``; the DiT specifics
+  are in :mod:`ld3m.dit`);
 - ``scheduler``: a :class:`~diffusers.DDIMScheduler` (only its noise schedule and timestep
   spacing are used; the DDIM update with LD3M's skip is computed here);
 - ``scaling_factor`` (and ``shift_factor``): ``z = (vae latent - shift) * scale``.
@@ -26,7 +28,10 @@ the time embedding. The generator replaces the UNet's ``nn.Embedding`` by
 tensor ``(N, embed_dim)`` through unchanged, while integer labels are still looked up in the
 table. So ``denoiser(x, t, class_labels=c)`` with ``c`` a float embedding vector conditions on
 ``c`` exactly as ``class_labels=k`` conditions on row ``k``, and gradients flow into ``c``.
-:meth:`LatentGenerator.class_embedding` gives the table rows used to initialise ``c``.
+:meth:`LatentGenerator.class_embedding` gives the table rows used to initialise ``c``. A DiT
+has a (identical) copy of its class table in every block's adaLN-Zero ``norm1.emb``: each is
+wrapped the same way and one vector ``c`` per image conditions every block, as DiT's single
+class embedder does (see :mod:`ld3m.dit`).
 
 **Rendering** (:meth:`LatentGenerator.render`): ``z_T = sqrt(a_T) z + sqrt(1 - a_T) noise`` at
 the first timestep ``t_T`` of a ``T``-step DDIM schedule, then ``T`` DDIM steps (eta 0). After
@@ -68,6 +73,10 @@ caller's job (manual optimisation and an all-reduce, or ``no_sync``): not handle
     folder/scheduler/scheduler_config.json
     folder/ld3m_generator.json   # format, num_classes, null_class, image_shape, latent_shape,
                                  # image_mean, image_std, scaling_factor, shift_factor, meta
+
+or a diffusers ``DiTPipeline`` folder (``model_index.json``, ``transformer/``, ``vae/``,
+``scheduler/``; ``ld3m_generator.json`` optional there): :meth:`LatentGenerator.from_pretrained`
+tells the two apart by ``model_index.json``.
 """
 
 from __future__ import annotations
@@ -83,10 +92,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, UNet2DModel, VQModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ld3m import dit as _dit
 from ld3m.files import atomic_dir
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "LatentGenerator", "VectorClassEmbedding", "skip_weights"]
@@ -168,7 +178,9 @@ class LatentGenerator(nn.Module):
         vae: The first stage (``AutoencoderKL`` or ``VQModel``).
         denoiser: A ``UNet2DModel`` with an ``nn.Embedding`` class table
             (``class_embed_type=None``, ``num_class_embeds`` = ``num_classes`` (+1 for a null
-            class)); it predicts what the scheduler's ``prediction_type`` says.
+            class)), or a class-conditional ``DiTTransformer2DModel`` (its blocks' tables
+            identical; a learned-sigma output's first half is used); it predicts what the
+            scheduler's ``prediction_type`` says.
         scheduler: A ``DDIMScheduler`` (its schedule, spacing, ``clip_sample``,
             ``set_alpha_to_one`` and ``prediction_type`` are honoured; ``thresholding`` is not
             supported).
@@ -183,21 +195,30 @@ class LatentGenerator(nn.Module):
             LDM first stage does.
         meta: Free-form JSON-serialisable information saved with the generator (dataset,
             training budget, ...).
+        id2label: Class names by table row (a DiT folder's ``model_index.json`` ``id2label``).
     """
 
-    def __init__(self, vae: AutoencoderKL | VQModel, denoiser: UNet2DModel, scheduler: DDIMScheduler,
-                 num_classes: int, image_shape: Sequence[int], *, null_class: int | None = None,
+    def __init__(self, vae: AutoencoderKL | VQModel, denoiser: UNet2DModel | DiTTransformer2DModel,
+                 scheduler: DDIMScheduler, num_classes: int, image_shape: Sequence[int], *,
+                 null_class: int | None = None,
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                  scaling_factor: float | None = None, shift_factor: float | None = None,
-                 quantize: bool = True, meta: dict[str, Any] | None = None) -> None:
+                 quantize: bool = True, meta: dict[str, Any] | None = None,
+                 id2label: dict[int, str] | None = None) -> None:
         super().__init__()
         if not isinstance(vae, AutoencoderKL | VQModel):
             raise ValueError(f"vae must be an AutoencoderKL or a VQModel, got {type(vae).__name__}")
-        if not isinstance(denoiser, UNet2DModel):
-            raise ValueError(f"denoiser must be a UNet2DModel, got {type(denoiser).__name__}")
+        if not isinstance(denoiser, UNet2DModel | DiTTransformer2DModel):
+            raise ValueError("denoiser must be a UNet2DModel or a DiTTransformer2DModel, got "
+                             f"{type(denoiser).__name__}")
         if not isinstance(scheduler, DDIMScheduler):
             raise ValueError(f"scheduler must be a DDIMScheduler, got {type(scheduler).__name__}")
-        if not isinstance(denoiser.class_embedding, nn.Embedding):
+        self.is_dit = isinstance(denoiser, DiTTransformer2DModel)
+        if self.is_dit:
+            tables = _dit.class_tables(denoiser)
+        elif isinstance(denoiser.class_embedding, nn.Embedding):
+            tables = [denoiser.class_embedding]
+        else:
             raise ValueError("the denoiser has no class-embedding table: build the UNet2DModel with "
                              "class_embed_type=None and num_class_embeds=num_classes (+1 for a null "
                              "class)")
@@ -206,7 +227,7 @@ class LatentGenerator(nn.Module):
                              "models); use thresholding=False")
         if scheduler.config.prediction_type not in _PREDICTION_TYPES:
             raise ValueError(f"unknown scheduler prediction_type {scheduler.config.prediction_type!r}")
-        table = denoiser.class_embedding
+        table = tables[0]
         num_classes = int(num_classes)
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
@@ -232,7 +253,13 @@ class LatentGenerator(nn.Module):
         self.vae = vae
         self.denoiser = denoiser
         self.scheduler = scheduler
-        denoiser.class_embedding = VectorClassEmbedding.wrap(table)
+        if self.is_dit:
+            for block in denoiser.transformer_blocks:
+                embedder = block.norm1.emb.class_embedder
+                embedder.embedding_table = VectorClassEmbedding.wrap(embedder.embedding_table)
+        else:
+            denoiser.class_embedding = VectorClassEmbedding.wrap(table)
+        self.id2label = None if id2label is None else {int(k): str(v) for k, v in id2label.items()}
         self.num_classes = num_classes
         self.null_class = None if null_class is None else int(null_class)
         self.image_shape = image_shape
@@ -245,7 +272,9 @@ class LatentGenerator(nn.Module):
         self.quantize = bool(quantize)
         self.meta = dict(meta or {})
         self.latent_shape = self._latent_shape()
-        if denoiser.config.in_channels != self.latent_shape[0] or \
+        if self.is_dit:
+            _dit.check_transformer(denoiser, self.latent_shape)
+        elif denoiser.config.in_channels != self.latent_shape[0] or \
                 denoiser.config.out_channels != self.latent_shape[0]:
             raise ValueError(f"the denoiser maps {denoiser.config.in_channels} -> "
                              f"{denoiser.config.out_channels} channels but the latents have "
@@ -272,9 +301,16 @@ class LatentGenerator(nn.Module):
         return (int(channels), h // factor, w // factor)
 
     @property
+    def class_table(self) -> VectorClassEmbedding:
+        """The class-embedding table (a DiT's block 0 table; the other blocks hold the same)."""
+        if self.is_dit:
+            return self.denoiser.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+        return self.denoiser.class_embedding
+
+    @property
     def embed_dim(self) -> int:
         """Size of a class embedding vector ``c``."""
-        return int(self.denoiser.class_embedding.embedding_dim)
+        return int(self.class_table.embedding_dim)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -284,7 +320,8 @@ class LatentGenerator(nn.Module):
                 "latent_shape": list(self.latent_shape), "image_mean": list(self.image_mean),
                 "image_std": list(self.image_std), "scaling_factor": self.scaling_factor,
                 "shift_factor": self.shift_factor, "quantize": self.quantize,
-                "vae_class": type(self.vae).__name__, "meta": self.meta}
+                "vae_class": type(self.vae).__name__, "denoiser_class": type(self.denoiser).__name__,
+                "meta": self.meta}
 
     def train(self, mode: bool = True) -> LatentGenerator:
         """No-op: the generator is frozen and always in eval mode (a parent's ``train()`` keeps it so)."""
@@ -329,7 +366,7 @@ class LatentGenerator(nn.Module):
 
         A detached copy, ready to become an ``nn.Parameter``.
         """
-        table = self.denoiser.class_embedding.weight
+        table = self.class_table.weight
         labels = torch.as_tensor(labels, dtype=torch.long, device=table.device)
         if labels.dim() != 1:
             raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
@@ -342,7 +379,7 @@ class LatentGenerator(nn.Module):
         """The null class's table row ``(embed_dim,)`` (for classifier-free guidance)."""
         if self.null_class is None:
             raise ValueError("this generator has no null class, so no classifier-free guidance")
-        return self.denoiser.class_embedding.weight[self.null_class].detach()
+        return self.class_table.weight[self.null_class].detach()
 
     def draw_noise(self, n: int, generator: torch.Generator | None = None,
                    device: torch.device | str | None = None,
@@ -398,6 +435,8 @@ class LatentGenerator(nn.Module):
         return float(self.scheduler.alphas_cumprod[t])
 
     def _denoise_call(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.is_dit:
+            return _dit.epsilon(self.denoiser, x, t, c)
         return self.denoiser(x, t, class_labels=c, return_dict=False)[0]
 
     def _model_output(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, guidance: float,
@@ -556,13 +595,22 @@ class LatentGenerator(nn.Module):
     # ------------------------------------------------------------------------------ files
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> LatentGenerator:
+                        dtype: torch.dtype | None = None, image_mean: Sequence[float] | None = None,
+                        image_std: Sequence[float] | None = None) -> LatentGenerator:
         """Load a generator from a local folder (see the module docstring); never downloads.
 
+        The kind is read from the folder: a ``model_index.json`` naming ``DiTPipeline`` is a
+        diffusers DiT folder (:mod:`ld3m.dit`), otherwise ``ld3m_generator.json`` must be there
+        (a folder of ``ld3m prior`` or :meth:`save_pretrained`).
+
         Args:
-            folder: The folder written by :meth:`save_pretrained` (or ``ld3m prior``).
+            folder: The folder written by :meth:`save_pretrained` (or ``ld3m prior``), or a
+                diffusers ``DiTPipeline`` folder.
             device: Move the generator there.
             dtype: Cast its weights to this dtype.
+            image_mean: The normalised image space's mean (default: the folder's; for a DiT
+                folder without ``ld3m_generator.json``, ImageNet's, :data:`ld3m.dit.IMAGENET_MEAN`).
+            image_std: Its std (default: as ``image_mean``).
 
         Returns:
             The frozen generator, in eval mode.
@@ -574,18 +622,26 @@ class LatentGenerator(nn.Module):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"no LD3M generator folder at {folder}")
+        if _dit.is_dit_folder(folder):
+            generator = cls._from_dit_folder(folder, image_mean, image_std)
+        else:
+            generator = cls._from_ld3m_folder(folder, image_mean, image_std)
+        return generator.to(device=device, dtype=dtype)
+
+    @classmethod
+    def _from_ld3m_folder(cls, folder: Path, image_mean: Sequence[float] | None,
+                          image_std: Sequence[float] | None) -> LatentGenerator:
         cfg_path = folder / CONFIG_NAME
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{folder} is not an LD3M generator folder: {CONFIG_NAME} is missing")
+            raise FileNotFoundError(f"{folder} is not an LD3M generator folder: {CONFIG_NAME} (a folder "
+                                    f"of ld3m prior) or {_dit.MODEL_INDEX} (a DiTPipeline) is missing")
         cfg = _read_config(cfg_path)
         for part, config_file in (("vae", "config.json"), ("unet", "config.json"),
                                   ("scheduler", "scheduler_config.json")):
             if not (folder / part / config_file).is_file():
                 raise FileNotFoundError(f"{folder / part / config_file} is missing")
         for part in ("vae", "unet"):
-            if not any(p.name.startswith("diffusion_pytorch_model") for p in (folder / part).iterdir()):
-                raise FileNotFoundError(f"{folder / part} holds no weights "
-                                        "(diffusion_pytorch_model.safetensors)")
+            _check_weights(folder / part)
         vae_class_name = _json_field(folder / "vae" / "config.json", "_class_name")
         if vae_class_name not in _VAE_CLASSES:
             raise ValueError(f"{folder / 'vae'} holds a {vae_class_name}; an LD3M generator needs "
@@ -605,7 +661,8 @@ class LatentGenerator(nn.Module):
         with _load_errors(cfg_path):
             generator = cls(vae, unet, scheduler, num_classes=cfg["num_classes"],
                             image_shape=cfg["image_shape"], null_class=cfg.get("null_class"),
-                            image_mean=cfg.get("image_mean"), image_std=cfg.get("image_std"),
+                            image_mean=cfg.get("image_mean") if image_mean is None else image_mean,
+                            image_std=cfg.get("image_std") if image_std is None else image_std,
                             scaling_factor=cfg.get("scaling_factor"),
                             shift_factor=cfg.get("shift_factor"),
                             quantize=cfg.get("quantize", True), meta=cfg.get("meta"))
@@ -614,10 +671,61 @@ class LatentGenerator(nn.Module):
                              f"{list(generator.latent_shape)}")
         log.info("loaded the LD3M generator %s (%s, %d classes, latent %s)", folder,
                  vae_class_name, generator.num_classes, "x".join(map(str, generator.latent_shape)))
-        return generator.to(device=device, dtype=dtype)
+        return generator
+
+    @classmethod
+    def _from_dit_folder(cls, folder: Path, image_mean: Sequence[float] | None,
+                         image_std: Sequence[float] | None) -> LatentGenerator:
+        for part, config_file in (("transformer", "config.json"), ("vae", "config.json"),
+                                  ("scheduler", "scheduler_config.json")):
+            if not (folder / part / config_file).is_file():
+                raise FileNotFoundError(f"{folder / part / config_file} is missing")
+        for part in ("transformer", "vae"):
+            _check_weights(folder / part)
+        vae_class_name = _json_field(folder / "vae" / "config.json", "_class_name")
+        if vae_class_name not in _VAE_CLASSES:
+            raise ValueError(f"{folder / 'vae'} holds a {vae_class_name}; an LD3M generator needs "
+                             f"one of {', '.join(_VAE_CLASSES)}")
+        transformer_class_name = _json_field(folder / "transformer" / "config.json", "_class_name")
+        if transformer_class_name not in _dit.TRANSFORMER_CLASSES:
+            raise ValueError(f"{folder / 'transformer'} holds a {transformer_class_name}, not a "
+                             "DiTTransformer2DModel")
+        with _load_errors(folder / "vae"):
+            vae = _VAE_CLASSES[vae_class_name].from_pretrained(
+                folder, subfolder="vae", local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
+        with _load_errors(folder / "transformer"):
+            transformer = DiTTransformer2DModel.from_pretrained(
+                folder, subfolder="transformer", local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
+        with _load_errors(folder / "scheduler"):
+            scheduler = _dit.ddim_scheduler(folder / "scheduler")
+        num_classes = int(transformer.config.num_embeds_ada_norm)
+        rows = _dit.class_tables(transformer)[0].num_embeddings
+        null_class = num_classes if rows > num_classes else None
+        image_shape = _dit.image_shape(vae.config, transformer.config)
+        cfg_path = folder / CONFIG_NAME
+        cfg = _read_config(cfg_path) if cfg_path.is_file() else {}
+        for key, ours in (("num_classes", num_classes), ("null_class", null_class),
+                          ("image_shape", list(image_shape))):
+            if key in cfg and cfg[key] != ours:
+                raise ValueError(f"{cfg_path} says {key} {cfg[key]} but the DiT folder gives {ours}")
+        if image_mean is None:
+            image_mean = cfg.get("image_mean", _dit.IMAGENET_MEAN if image_shape[0] == 3 else None)
+        if image_std is None:
+            image_std = cfg.get("image_std", _dit.IMAGENET_STD if image_shape[0] == 3 else None)
+        with _load_errors(folder / _dit.MODEL_INDEX):
+            generator = cls(vae, transformer, scheduler, num_classes=num_classes,
+                            image_shape=image_shape, null_class=null_class, image_mean=image_mean,
+                            image_std=image_std, scaling_factor=cfg.get("scaling_factor"),
+                            shift_factor=cfg.get("shift_factor"), meta=cfg.get("meta"),
+                            id2label=_dit.id2label(_dit.read_model_index(folder), num_classes))
+        log.info("loaded the DiT generator %s (%d classes, latent %s, %d blocks)", folder,
+                 num_classes, "x".join(map(str, generator.latent_shape)),
+                 len(transformer.transformer_blocks))
+        return generator
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write the generator to ``folder`` in the layout :meth:`from_pretrained` reads.
+        """Write the generator to ``folder`` in the layout :meth:`from_pretrained` reads (a DiT
+        generator: the ``DiTPipeline`` layout, with its DDIM scheduler, plus ``ld3m_generator.json``).
 
         Everything is written to a temporary folder next to ``folder`` and renamed into place,
         so an interrupted save leaves any previous generator intact. An existing ``folder`` is
@@ -636,7 +744,11 @@ class LatentGenerator(nn.Module):
                                   "not overwriting it")
         with atomic_dir(target) as tmp:
             self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-            self.denoiser.save_pretrained(tmp / "unet", safe_serialization=True)
+            if self.is_dit:  # the DiTPipeline layout, loadable by diffusers too
+                self.denoiser.save_pretrained(tmp / "transformer", safe_serialization=True)
+                _dit.write_model_index(tmp, self.scheduler, self.vae, self.id2label)
+            else:
+                self.denoiser.save_pretrained(tmp / "unet", safe_serialization=True)
             self.scheduler.save_pretrained(tmp / "scheduler")
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
         log.info("saved the LD3M generator to %s", target)
@@ -676,6 +788,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(cfg.get("meta", {}), dict):
         raise ValueError(f"{path}: meta must be a JSON object")
     return cfg
+
+
+def _check_weights(part: Path) -> None:
+    if not any(p.name.startswith("diffusion_pytorch_model") for p in part.iterdir()):
+        raise FileNotFoundError(f"{part} holds no weights (diffusion_pytorch_model.safetensors)")
 
 
 def _json_field(path: Path, key: str) -> Any:
