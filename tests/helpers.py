@@ -82,3 +82,76 @@ class Pace(L.Callback):
         import time
 
         time.sleep(self.seconds)
+
+
+def printed_recipe(name: str, capsys) -> dict:
+    """The configuration ``ld3m fit --config NAME --print_config`` prints, parsed."""
+    import yaml
+
+    from ld3m.cli import main
+
+    assert main(["fit", "--config", name, "--print_config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def buffer_instruction(name: str) -> str:
+    """The one ``ld3m buffer`` command in recipe ``name``'s header."""
+    from ld3m.configs import recipe_path
+
+    lines = [line for line in recipe_path(name).read_text().splitlines()
+             if line.startswith("#") and "ld3m buffer" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def check_datm_recipe(name: str, theirs: dict, bounds: dict, data: str, arch: str,
+                      capsys) -> tuple[dict, str]:
+    """Assert that DATM recipe ``name`` prints the values of their config ``theirs`` (keys as
+    in NUS-HPC-AI-Lab/DATM's configs and utils/cfg.py), that the module runs their schedule of
+    start epochs (``bounds``: per IPC, the bound at iterations 0/500/1000/2000) and that the
+    header's buffer command trains 100 GSAM experts with logits, whitened as the recipe.
+    Returns the model's printed ``init_args`` and the buffer command."""
+    import re
+
+    from ld3m.modules import DATM
+
+    from ld3m.augment import DEFAULT_STRATEGY
+
+    config = printed_recipe(name, capsys)
+    assert config["model"]["class_path"] == "ld3m.modules.DATM"
+    assert config["data"]["class_path"] == f"ld3m.datamodules.{data}"
+    model = config["model"]["init_args"]
+    for key in ("syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch", "lr_img",
+                "lr_lr", "lr_teacher", "lr_y", "batch_syn", "threshold"):
+        assert model[key] == theirs[key], key
+    ipc = int(name.rsplit("ipc", 1)[1])
+    assert model["ipc"] == ipc and model["dsa"] == DEFAULT_STRATEGY  # utils/cfg.py dsa_strategy
+    if theirs["Sequential_Generation"]:
+        assert model["current_max_start_epoch"] == theirs["current_max_start_epoch"]
+        assert model["expansion_end"] == theirs["expansion_end_epoch"]
+    else:
+        assert model["current_max_start_epoch"] is None
+    settings = config["data"]["init_args"]
+    assert (settings["zca"], settings["zca_eps"]) == (theirs["zca"], 0.1)
+    assert config["trainer"]["max_steps"] == theirs["Iteration"]
+    evaluation = config["evaluation"]
+    assert (evaluation["every_n_steps"], evaluation["runs"], evaluation["batch_size"],
+            evaluation["epochs"], evaluation["archs"], evaluation["keep_best"]) == (
+        theirs["eval_it"], theirs["num_eval"], theirs["batch_train"], 1000, arch, True)
+    # the start epochs the module runs with these values are theirs
+    kept = {k: v for k, v in model.items() if k not in ("buffer", "num_classes", "image_shape")}
+    datm = DATM(model["buffer"], **kept)
+    schedules = datm.configure_callbacks()
+    assert bool(schedules) == theirs["Sequential_Generation"]
+    if schedules:
+        assert tuple(schedules[0].bound(it) for it in (0, 500, 1000, 2000)) == bounds[ipc]
+    else:
+        assert datm.start_epoch_range() == (theirs["min_start_epoch"], theirs["max_start_epoch"])
+    # GSAM experts as their buffer_FTD.py, 100 epochs: enough for max_start_epoch + expert_epochs
+    command = buffer_instruction(name)
+    assert f"--data {data}" in command and "--data.zca true" in command
+    assert "--optimizer gsam" in command and "--logits true" in command
+    assert f"--folder {model['buffer']}" in command
+    epochs = int(re.search(r"--epochs (\d+)", command).group(1))
+    assert epochs == 100 and epochs >= theirs["max_start_epoch"] + theirs["expert_epochs"]
+    return model, command

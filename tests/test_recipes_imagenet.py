@@ -22,11 +22,9 @@ from __future__ import annotations
 import re
 
 import pytest
-import yaml
-from ld3m.modules import DATM
+from helpers import buffer_instruction, check_datm_recipe, printed_recipe
 
 from ld3m.augment import DEFAULT_STRATEGY
-from ld3m.cli import main
 from ld3m.configs import recipe_path
 
 DM_IPCS = (1, 10, 50)
@@ -64,21 +62,9 @@ DATM_TINY = {
 DATM_BOUNDS = {1: (15, 16, 17, 20)}
 
 
-def _printed(name: str, capsys) -> dict:
-    assert main(["fit", "--config", name, "--print_config"]) == 0
-    return yaml.safe_load(capsys.readouterr().out)
-
-
-def _buffer_instruction(name: str) -> str:
-    lines = [line for line in recipe_path(name).read_text().splitlines()
-             if line.startswith("#") and "ld3m buffer" in line]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 @pytest.mark.parametrize("ipc", DM_IPCS)
 def test_dm_tinyimagenet_recipe_is_main_dm(ipc: int, capsys) -> None:
-    config = _printed(f"dm_tinyimagenet_ipc{ipc}", capsys)
+    config = printed_recipe(f"dm_tinyimagenet_ipc{ipc}", capsys)
     assert config["model"]["class_path"] == "ld3m.modules.DM"
     assert config["data"]["class_path"] == "ld3m.datamodules.TinyImageNet"
     model = config["model"]["init_args"]
@@ -107,7 +93,7 @@ def _check_mtt(config: dict, name: str, values: tuple, network: str, epochs_need
     assert (evaluation["every_n_steps"], evaluation["runs"], evaluation["epochs"],
             evaluation["archs"], evaluation["keep_best"]) == (100, 5, 1000, network, True)
     # the header builds the buffer the recipe reads, of the recipe's network, with enough epochs
-    command = _buffer_instruction(name)
+    command = buffer_instruction(name)
     assert f"--network {network}" in command and f"--folder {model['buffer']}" in command
     assert "--data.zca" not in command
     assert int(re.search(r"--epochs (\d+)", command).group(1)) >= epochs_needed
@@ -118,7 +104,7 @@ def _check_mtt(config: dict, name: str, values: tuple, network: str, epochs_need
 @pytest.mark.parametrize("ipc", sorted(MTT_TINY))
 def test_mtt_tinyimagenet_recipe_is_the_published_setting(ipc: int, capsys) -> None:
     name = f"mtt_tinyimagenet_ipc{ipc}"
-    config = _printed(name, capsys)
+    config = printed_recipe(name, capsys)
     assert config["data"]["class_path"] == "ld3m.datamodules.TinyImageNet"
     assert config["model"]["init_args"]["ipc"] == ipc
     _, epochs, start, *_ = MTT_TINY[ipc]
@@ -131,7 +117,7 @@ def test_mtt_tinyimagenet_recipe_is_the_published_setting(ipc: int, capsys) -> N
 @pytest.mark.parametrize("ipc", sorted(MTT_IMAGENET))
 def test_mtt_imagenet_subset_recipe(subset: str, ipc: int, capsys) -> None:
     name = f"mtt_{subset}_ipc{ipc}"
-    config = _printed(name, capsys)
+    config = printed_recipe(name, capsys)
     assert config["data"]["class_path"] == "ld3m.datamodules.ImageNetSubset"
     data = config["data"]["init_args"]
     assert (data["subset"], data["image_size"]) == (subset, 128)
@@ -145,44 +131,10 @@ def test_mtt_imagenet_subset_recipe(subset: str, ipc: int, capsys) -> None:
 
 @pytest.mark.parametrize("ipc", sorted(DATM_TINY))
 def test_datm_tinyimagenet_recipe_is_their_config(ipc: int, capsys) -> None:
-    theirs = DATM_TINY[ipc]
     name = f"datm_tinyimagenet_ipc{ipc}"
-    config = _printed(name, capsys)
-    assert config["model"]["class_path"] == "ld3m.modules.DATM"
-    assert config["data"]["class_path"] == "ld3m.datamodules.TinyImageNet"
-    model = config["model"]["init_args"]
-    for key in ("syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch", "lr_img",
-                "lr_lr", "lr_teacher", "lr_y", "batch_syn", "threshold"):
-        assert model[key] == theirs[key], key
-    assert model["ipc"] == ipc and model["dsa"] == DEFAULT_STRATEGY  # utils/cfg.py dsa_strategy
-    if theirs["Sequential_Generation"]:
-        assert model["current_max_start_epoch"] == theirs["current_max_start_epoch"]
-        assert model["expansion_end"] == theirs["expansion_end_epoch"]
-    else:
-        assert model["current_max_start_epoch"] is None
-    data = config["data"]["init_args"]
-    assert (data["zca"], data["zca_eps"]) == (theirs["zca"], 0.1)
-    assert config["trainer"]["max_steps"] == theirs["Iteration"]
-    evaluation = config["evaluation"]
-    assert (evaluation["every_n_steps"], evaluation["runs"], evaluation["batch_size"],
-            evaluation["epochs"], evaluation["archs"], evaluation["keep_best"]) == (
-        theirs["eval_it"], theirs["num_eval"], theirs["batch_train"], 1000, "ConvNetD4", True)
-    # the start epochs the module runs with these values are theirs
-    kept = {k: v for k, v in model.items() if k not in ("buffer", "num_classes", "image_shape")}
-    datm = DATM(model["buffer"], **kept)
-    schedules = datm.configure_callbacks()
-    assert bool(schedules) == theirs["Sequential_Generation"]
-    if schedules:
-        assert tuple(schedules[0].bound(it) for it in (0, 500, 1000, 2000)) == DATM_BOUNDS[ipc]
-    else:
-        assert datm.start_epoch_range() == (theirs["min_start_epoch"], theirs["max_start_epoch"])
     # GSAM ConvNetD4 experts as their buffer_FTD.py, 100 epochs, whitened, with logits
-    command = _buffer_instruction(name)
-    assert "--data TinyImageNet" in command and "--data.zca true" in command
+    _, command = check_datm_recipe(name, DATM_TINY[ipc], DATM_BOUNDS, "TinyImageNet", "ConvNetD4",
+                                   capsys)
     assert "--network ConvNetD4" in command
-    assert "--optimizer gsam" in command and "--logits true" in command
-    assert f"--folder {model['buffer']}" in command
-    epochs = int(re.search(r"--epochs (\d+)", command).group(1))
-    assert epochs == 100 and epochs >= theirs["max_start_epoch"] + theirs["expert_epochs"]
     assert (f"NUS-HPC-AI-Lab/DATM configs/TinyImageNet/ConvIN/IPC{ipc}.yaml"
             in recipe_path(name).read_text())
