@@ -41,6 +41,7 @@ are never built.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -274,7 +275,16 @@ def sample_bins(bins: list[torch.Tensor], count: int,
     Returns:
         The drawn members (bin by bin) and the bin number of each.
     """
-    counts = allocate([len(b) for b in bins], count, generator)
+    return draw_from_bins(bins, allocate([len(b) for b in bins], count, generator), generator)
+
+
+def draw_from_bins(bins: list[torch.Tensor], counts: list[int],
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``counts[k]`` members of bin ``k`` uniformly, without replacement.
+
+    Returns:
+        The drawn members (bin by bin) and the bin number of each.
+    """
     picked, which = [], []
     for k, (members, m) in enumerate(zip(bins, counts, strict=True)):
         chosen = torch.randperm(len(members), generator=generator)[:m]
@@ -337,11 +347,21 @@ def quantize(features: Features, labels: torch.Tensor, ipc: int, bins: int = 10,
         if bins > len(m):
             raise ValueError(f"bins={bins} is larger than class {c}, which has {len(m)} samples")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    return bin_and_sample(features, members, bins, lam, max_matrix_bytes,
+                          lambda local: sample_bins(local, ipc, generator))
+
+
+def bin_and_sample(features: Features, members: list[torch.Tensor], bins: int, lam: float,
+                   max_matrix_bytes: int,
+                   sample: Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
+                   ) -> Quantization:
+    """Split every class (``members[c]``: its dataset indices) into ``bins`` GraphCut bins of
+    its ``features`` and keep what ``sample(bins)`` draws from them (positions within the class
+    and their bin numbers, as :func:`sample_bins`), class by class."""
     indices, which, class_bins = [], [], []
     for m in members:
-        class_features = take_rows(features, m)
-        local = graphcut_bins(class_features, bins, lam, max_matrix_bytes)
-        chosen, k = sample_bins(local, ipc, generator)
+        local = graphcut_bins(take_rows(features, m), bins, lam, max_matrix_bytes)
+        chosen, k = sample(local)
         indices.append(m[chosen])
         which.append(k)
         class_bins.append([m[b] for b in local])

@@ -80,11 +80,11 @@ from ld3m.coreset import (
     DEFAULT_MATRIX_BYTES,
     Features,
     Quantization,
+    bin_and_sample,
     bin_sizes,
+    draw_from_bins,
     feature_rows,
-    graphcut_bins,
     quantize,
-    take_rows,
 )
 from ld3m.evaluation import Classifier, _quiet_lightning, trainer_device
 from ld3m.files import atomic_write
@@ -216,13 +216,7 @@ def sample_fraction(bins: list[torch.Tensor], fraction: float,
     Returns:
         The drawn members (bin by bin) and the bin number of each.
     """
-    counts = fraction_counts([len(b) for b in bins], fraction)
-    picked, which = [], []
-    for k, (members, m) in enumerate(zip(bins, counts, strict=True)):
-        chosen = torch.randperm(len(members), generator=generator)[:m]
-        picked.append(members.cpu()[chosen])
-        which.append(torch.full((m,), k, dtype=torch.long))
-    return torch.cat(picked), torch.cat(which)
+    return draw_from_bins(bins, fraction_counts([len(b) for b in bins], fraction), generator)
 
 
 def quantize_fraction(features: Features, labels: torch.Tensor, fraction: float, bins: int = 10,
@@ -267,14 +261,8 @@ def quantize_fraction(features: Features, labels: torch.Tensor, fraction: float,
             raise ValueError(f"fraction={fraction:g} keeps no sample of class {c} ({len(m)} "
                              f"samples in {bins} bins)")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    indices, which, class_bins = [], [], []
-    for m in members:
-        local = graphcut_bins(take_rows(features, m), bins, lam, max_matrix_bytes)
-        chosen, k = sample_fraction(local, fraction, generator)
-        indices.append(m[chosen])
-        which.append(k)
-        class_bins.append([m[b] for b in local])
-    return Quantization(torch.cat(indices), torch.cat(which), class_bins)
+    return bin_and_sample(features, members, bins, lam, max_matrix_bytes,
+                          lambda local: sample_fraction(local, fraction, generator))
 
 
 class DQ(DistillationModule):
