@@ -75,6 +75,8 @@ import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 from torch import nn
 
+from ld3m.files import read_json_object
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODEL_INDEX", "PIPELINE_CLASS", "class_tables",
            "ddim_scheduler", "epsilon", "image_shape", "is_dit_folder", "read_model_index",
            "write_model_index"]
@@ -95,13 +97,7 @@ def read_model_index(folder: Path) -> dict[str, Any] | None:
     path = folder / MODEL_INDEX
     if not path.is_file():
         return None
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(index, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return index
+    return read_json_object(path)
 
 
 def is_dit_folder(folder: Path) -> bool:
@@ -212,12 +208,7 @@ def ddim_scheduler(folder: Path) -> DDIMScheduler:
     """The ``DDIMScheduler`` of ``folder/scheduler/scheduler_config.json``, converted (same noise
     schedule) when the file names another scheduler."""
     path = folder / "scheduler_config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    cfg = read_json_object(path)
     if cfg.get("_class_name") == "DDIMScheduler":
         return DDIMScheduler.from_pretrained(folder, local_files_only=True)
     kwargs = {k: v for k, v in cfg.items() if k in _DDIM_ARGS}

@@ -8,6 +8,7 @@ Files and folders are created with the modes the user's umask allows (``0666 & ~
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -107,3 +108,16 @@ def check_writable(folder: str | os.PathLike) -> Path:
         raise ValueError(f"cannot write to the output folder {folder}: "
                          f"{err.strerror or type(err).__name__}") from None
     return folder
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in the file ``path``; a ``ValueError`` naming the file if it is not
+    valid JSON or not an object."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return value

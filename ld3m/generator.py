@@ -97,7 +97,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ld3m import dit as _dit
-from ld3m.files import atomic_dir
+from ld3m.files import atomic_dir, read_json_object
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "LatentGenerator", "VectorClassEmbedding", "skip_weights"]
 
@@ -636,22 +636,12 @@ class LatentGenerator(nn.Module):
             raise FileNotFoundError(f"{folder} is not an LD3M generator folder: {CONFIG_NAME} (a folder "
                                     f"of ld3m prior) or {_dit.MODEL_INDEX} (a DiTPipeline) is missing")
         cfg = _read_config(cfg_path)
-        for part, config_file in (("vae", "config.json"), ("unet", "config.json"),
-                                  ("scheduler", "scheduler_config.json")):
-            if not (folder / part / config_file).is_file():
-                raise FileNotFoundError(f"{folder / part / config_file} is missing")
-        for part in ("vae", "unet"):
-            _check_weights(folder / part)
-        vae_class_name = _json_field(folder / "vae" / "config.json", "_class_name")
-        if vae_class_name not in _VAE_CLASSES:
-            raise ValueError(f"{folder / 'vae'} holds a {vae_class_name}; an LD3M generator needs "
-                             f"one of {', '.join(_VAE_CLASSES)}")
+        _check_parts(folder, ("vae", "unet"))
+        vae_class_name = _vae_class_name(folder)
         unet_class_name = _json_field(folder / "unet" / "config.json", "_class_name")
         if unet_class_name != "UNet2DModel":
             raise ValueError(f"{folder / 'unet'} holds a {unet_class_name}, not a UNet2DModel")
-        with _load_errors(folder / "vae"):
-            vae = _VAE_CLASSES[vae_class_name].from_pretrained(
-                folder, subfolder="vae", local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
+        vae = _load_vae(folder, vae_class_name)
         with _load_errors(folder / "unet"):
             unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                low_cpu_mem_usage=_LOW_CPU_MEM)
@@ -676,23 +666,13 @@ class LatentGenerator(nn.Module):
     @classmethod
     def _from_dit_folder(cls, folder: Path, image_mean: Sequence[float] | None,
                          image_std: Sequence[float] | None) -> LatentGenerator:
-        for part, config_file in (("transformer", "config.json"), ("vae", "config.json"),
-                                  ("scheduler", "scheduler_config.json")):
-            if not (folder / part / config_file).is_file():
-                raise FileNotFoundError(f"{folder / part / config_file} is missing")
-        for part in ("transformer", "vae"):
-            _check_weights(folder / part)
-        vae_class_name = _json_field(folder / "vae" / "config.json", "_class_name")
-        if vae_class_name not in _VAE_CLASSES:
-            raise ValueError(f"{folder / 'vae'} holds a {vae_class_name}; an LD3M generator needs "
-                             f"one of {', '.join(_VAE_CLASSES)}")
+        _check_parts(folder, ("transformer", "vae"))
+        vae_class_name = _vae_class_name(folder)
         transformer_class_name = _json_field(folder / "transformer" / "config.json", "_class_name")
         if transformer_class_name not in _dit.TRANSFORMER_CLASSES:
             raise ValueError(f"{folder / 'transformer'} holds a {transformer_class_name}, not a "
                              "DiTTransformer2DModel")
-        with _load_errors(folder / "vae"):
-            vae = _VAE_CLASSES[vae_class_name].from_pretrained(
-                folder, subfolder="vae", local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
+        vae = _load_vae(folder, vae_class_name)
         with _load_errors(folder / "transformer"):
             transformer = DiTTransformer2DModel.from_pretrained(
                 folder, subfolder="transformer", local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
@@ -757,12 +737,7 @@ class LatentGenerator(nn.Module):
 
 # ---------------------------------------------------------------------------------- helpers
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    cfg = read_json_object(path)
     if cfg.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported format {cfg.get('format')!r} (expected {FORMAT_VERSION})")
     for key in ("num_classes", "image_shape"):
@@ -788,6 +763,33 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(cfg.get("meta", {}), dict):
         raise ValueError(f"{path}: meta must be a JSON object")
     return cfg
+
+
+def _check_parts(folder: Path, models: tuple[str, str]) -> None:
+    """The two ``models`` (the vae and ``unet`` or ``transformer``, in the order they are
+    checked) and the scheduler of a generator folder have their config files, and the models
+    their weights."""
+    for part, config_file in ((models[0], "config.json"), (models[1], "config.json"),
+                              ("scheduler", "scheduler_config.json")):
+        if not (folder / part / config_file).is_file():
+            raise FileNotFoundError(f"{folder / part / config_file} is missing")
+    for part in models:
+        _check_weights(folder / part)
+
+
+def _vae_class_name(folder: Path) -> str:
+    """The class of ``folder/vae``, if an LD3M generator can use it."""
+    name = _json_field(folder / "vae" / "config.json", "_class_name")
+    if name not in _VAE_CLASSES:
+        raise ValueError(f"{folder / 'vae'} holds a {name}; an LD3M generator needs "
+                         f"one of {', '.join(_VAE_CLASSES)}")
+    return name
+
+
+def _load_vae(folder: Path, class_name: str) -> AutoencoderKL | VQModel:
+    with _load_errors(folder / "vae"):
+        return _VAE_CLASSES[class_name].from_pretrained(
+            folder, subfolder="vae", local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
 
 
 def _check_weights(part: Path) -> None:
