@@ -71,6 +71,21 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
+def _class_folders(folders: list[Path], missing: str) -> tuple[list[Path], list[int]]:
+    """The images of ``folders[c]``, each labelled ``c``; a folder that does not exist (with the
+    hint ``missing``) or holds no image is an error."""
+    files, targets = [], []
+    for c, folder in enumerate(folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} does not exist. {missing}")
+        found = _images_in(folder)
+        if not found:
+            raise FileNotFoundError(f"{folder} holds no images")
+        files += found
+        targets += [c] * len(found)
+    return files, targets
+
+
 class _ImageFiles(Dataset):
     """Image files with their labels, read as RGB and transformed; ``targets`` are the labels."""
 
@@ -160,17 +175,8 @@ class TinyImageNet(RealDataModule):
         return _ImageFiles(files, targets, transform, tuple(self.image_shape))
 
     def _train_files(self, index: dict[str, int]) -> tuple[list[Path], list[int]]:
-        files, targets = [], []
-        for wnid, c in index.items():
-            folder = self.data_dir / "train" / wnid / "images"
-            if not folder.is_dir():
-                raise FileNotFoundError(f"{folder} does not exist. {self._missing_message()}")
-            found = _images_in(folder)
-            if not found:
-                raise FileNotFoundError(f"{folder} holds no images")
-            files += found
-            targets += [c] * len(found)
-        return files, targets
+        return _class_folders([self.data_dir / "train" / wnid / "images" for wnid in index],
+                              self._missing_message())
 
     def _val_files(self, index: dict[str, int]) -> tuple[list[Path], list[int]]:
         val = self.data_dir / "val"
@@ -286,14 +292,6 @@ class ImageNetSubset(RealDataModule):
 
     def _dataset(self, train: bool, transform) -> Dataset:
         split = self.data_dir / ("train" if train else "val")
-        files, targets = [], []
-        for c, wnid in enumerate(self.wnids):
-            folder = split / wnid
-            if not folder.is_dir():
-                raise FileNotFoundError(f"{folder} does not exist. {self._missing_message()}")
-            found = _images_in(folder)
-            if not found:
-                raise FileNotFoundError(f"{folder} holds no images")
-            files += found
-            targets += [c] * len(found)
+        files, targets = _class_folders([split / wnid for wnid in self.wnids],
+                                        self._missing_message())
         return _ImageFiles(files, targets, transform, tuple(self.image_shape))
