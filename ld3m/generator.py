@@ -391,7 +391,10 @@ class LatentGenerator(nn.Module):
             generator = torch.Generator().manual_seed(0)
         noise = torch.randn((int(n), *self.latent_shape), generator=generator,
                             device=generator.device, dtype=dtype)
-        return noise.to(device) if device is not None else noise
+        if device is None:
+            return noise
+        # host -> device without waiting (as ld3m.networks' initialisation); never the other way
+        return noise.to(device, non_blocking=noise.device.type == "cpu")
 
     # ------------------------------------------------------------------------------ sampling
     def timesteps(self, steps: int, t_start: int | None = None) -> list[int]:
