@@ -40,7 +40,7 @@ METHOD_ARGS = {
     "DM": ["--model.network", NET, "--model.dsa", "none"],
     "DC": ["--model.network", NET, "--model.outer_loop", "2", "--model.inner_loop", "1"],
     "MTT": ["--model.buffer", "{buffer}", "--model.syn_steps", "2", "--model.max_start_epoch", "2",
-            "--model.gradient", "recompute", "--model.dsa", "none"],
+            "--model.expert_epochs", "2", "--model.gradient", "recompute", "--model.dsa", "none"],
     "LD3M": ["--model.generator", "{generator}", "--model.steps", "2", "--model.chunk_size", "2",
              "--model.network", NET, "--model.dsa", "none"],
 }
