@@ -125,6 +125,8 @@ class TinyImageNet(RealDataModule):
         zca: Whiten the raw ``[0, 1]`` pixels with ZCA fitted on the training split, instead of
             the mean/std normalisation (DATM's Tiny-ImageNet configs).
         zca_eps: Regulariser of the ZCA whitening (kornia's ``eps``; MTT and DATM use 0.1).
+        mean: Normalisation mean instead of ImageNet's (see :class:`RealDataModule`).
+        std: Normalisation std that goes with ``mean``.
     """
 
     dataset_name = "TinyImageNet"
@@ -134,11 +136,13 @@ class TinyImageNet(RealDataModule):
 
     def __init__(self, data_dir: str | None = None, batch_per_class: int = 256,
                  batch_size: int = 256, test_batch_size: int = 1000, num_workers: int = 0,
-                 seed: int = 0, zca: bool = False, zca_eps: float = 0.1) -> None:
+                 seed: int = 0, zca: bool = False, zca_eps: float = 0.1,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
         if data_dir is None:
             data_dir = os.path.join(default_data_dir(), "tiny-imagenet-200")
         super().__init__(data_dir, batch_per_class, batch_size, test_batch_size, num_workers,
-                         download=False, seed=seed, zca=zca, zca_eps=zca_eps)
+                         download=False, seed=seed, zca=zca, zca_eps=zca_eps, mean=mean,
+                         std=std)
         self._classes: list[str] | None = None
 
     def _missing_message(self) -> str:
@@ -240,6 +244,8 @@ class ImageNetSubset(RealDataModule):
         seed: Seed of the class-balanced stream (each DDP rank adds its rank).
         zca: Whiten the raw pixels with ZCA (refused at this size: see :class:`RealDataModule`).
         zca_eps: Regulariser of the ZCA whitening.
+        mean: Normalisation mean instead of ImageNet's (see :class:`RealDataModule`).
+        std: Normalisation std that goes with ``mean``.
 
     Raises:
         ValueError: for a subset MTT does not define (the message lists theirs).
@@ -253,7 +259,8 @@ class ImageNetSubset(RealDataModule):
     def __init__(self, subset: str = "imagenette", data_dir: str | None = None,
                  image_size: int = 128, batch_per_class: int = 256, batch_size: int = 256,
                  test_batch_size: int = 1000, num_workers: int = 0, seed: int = 0,
-                 zca: bool = False, zca_eps: float = 0.1) -> None:
+                 zca: bool = False, zca_eps: float = 0.1, mean: list[float] | None = None,
+                 std: list[float] | None = None) -> None:
         if subset not in IMAGENET_SUBSETS:
             raise ValueError(f"unknown ImageNet subset {subset!r}; choose one of: "
                              f"{', '.join(IMAGENET_SUBSETS)}")
@@ -262,7 +269,8 @@ class ImageNetSubset(RealDataModule):
         if data_dir is None:
             data_dir = os.path.join(default_data_dir(), "imagenet")
         super().__init__(data_dir, batch_per_class, batch_size, test_batch_size, num_workers,
-                         download=False, seed=seed, zca=zca, zca_eps=zca_eps)
+                         download=False, seed=seed, zca=zca, zca_eps=zca_eps, mean=mean,
+                         std=std)
         self.subset = subset
         self.image_size = image_size
         self.image_shape = (3, image_size, image_size)

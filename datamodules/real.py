@@ -34,8 +34,9 @@ from torchvision import datasets, transforms
 from ld3m.files import atomic_write
 
 _CACHE_LIMIT_BYTES = 2 << 30
-#: ZCA needs a D x D matrix (D = C * H * W): refuse beyond 64 x 64 grey / 36 x 36 colour.
-ZCA_MAX_DIM = 4096
+#: ZCA needs a D x D matrix (D = C * H * W): refuse beyond 64 x 64 colour (Tiny-ImageNet, which
+#: DATM whitens; 12288^2 float32 values are 0.6 GB, and the fit holds every training image flat).
+ZCA_MAX_DIM = 3 * 64 * 64
 #: What the ZCA is fitted on and applied to, as recorded in ``zca_settings``: the raw [0, 1] pixels.
 ZCA_INPUT = "pixels"
 
@@ -82,6 +83,10 @@ class RealDataModule(L.LightningDataModule):
         zca: Whiten the raw ``[0, 1]`` pixels with ZCA fitted on the training split, instead of
             the mean/std normalisation (MTT's and DATM's CIFAR recipes).
         zca_eps: Regulariser of the ZCA whitening (kornia's ``eps``; MTT used 0.1).
+        mean: Normalise with this per-channel mean instead of the dataset's own (e.g. MTT's
+            CIFAR-100 code normalises with CIFAR-10's); recorded in the sets, which
+            ``ld3m evaluate`` then evaluates on data normalised the same way. Not with ``zca``.
+        std: The per-channel std that goes with ``mean`` (both or neither).
     """
 
     dataset_name: str = ""
@@ -101,6 +106,8 @@ class RealDataModule(L.LightningDataModule):
         seed: int = 0,
         zca: bool = False,
         zca_eps: float = 0.1,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_per_class", batch_per_class), ("batch_size", batch_size),
@@ -123,8 +130,17 @@ class RealDataModule(L.LightningDataModule):
         self.seed = seed
         self.zca = bool(zca)
         self.zca_eps = float(zca_eps)
+        channels = len(type(self).mean)
+        if (mean is None) != (std is None):
+            raise ValueError("pass both mean and std (the normalisation), or neither")
+        if mean is not None and std is not None:
+            if self.zca:
+                raise ValueError("mean/std and zca exclude each other: ZCA whitens the raw pixels")
+            if len(mean) != channels or len(std) != channels or min(std) <= 0:
+                raise ValueError(f"mean and std need {channels} values each (std > 0), got "
+                                 f"{list(mean)} and {list(std)}")
+            self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
         if self.zca:  # the authors whiten the raw [0, 1] pixels: no mean/std normalisation
-            channels = len(type(self).mean)
             self.mean, self.std = (0.0,) * channels, (1.0,) * channels
         self._zca: tuple[torch.Tensor, torch.Tensor] | None = None  # (matrix, mean)
         self._on_device: dict[tuple[str, str], torch.Tensor] = {}
@@ -640,6 +656,8 @@ class ImageFolderData(RealDataModule):
         seed: Seed of the class-balanced stream (each DDP rank adds its rank).
         zca: Whiten the images with ZCA (only for small images; see :class:`RealDataModule`).
         zca_eps: Regulariser of the ZCA whitening.
+        mean: Normalisation mean instead of ImageNet's (see :class:`RealDataModule`).
+        std: Normalisation std that goes with ``mean``.
     """
 
     dataset_name = "ImageFolder"
@@ -649,11 +667,12 @@ class ImageFolderData(RealDataModule):
     def __init__(self, data_dir: str, image_size: int = 64, train_split: str = "train",
                  test_split: str = "val", batch_per_class: int = 256, batch_size: int = 256,
                  test_batch_size: int = 500, num_workers: int = 2, seed: int = 0,
-                 zca: bool = False, zca_eps: float = 0.1) -> None:
+                 zca: bool = False, zca_eps: float = 0.1, mean: list[float] | None = None,
+                 std: list[float] | None = None) -> None:
         if image_size < 8:
             raise ValueError(f"image_size must be at least 8, got {image_size}")
         super().__init__(data_dir, batch_per_class, batch_size, test_batch_size, num_workers,
-                         download=False, seed=seed, zca=zca, zca_eps=zca_eps)
+                         download=False, seed=seed, zca=zca, zca_eps=zca_eps, mean=mean, std=std)
         self.image_size = image_size
         self.train_split_name = train_split
         self.test_split_name = test_split

@@ -9,11 +9,13 @@ The functions can also be called from Python.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
 
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
+from ld3m.datamodules.imagenet import IMAGENET_SUBSETS, ImageNetSubset
 from ld3m.datamodules.real import DATASETS, ImageFolderData, RealDataModule
 from ld3m.evaluation import EvalReport
 from ld3m.evaluation import evaluate as run_evaluation
@@ -69,12 +71,25 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
     paths = [p.strip() for p in distilled.split(",")] if isinstance(distilled, str) else distilled
     sets = [SyntheticSet.load(path) for path in paths]
     synthetic = sets[0]
-    if synthetic.dataset not in DATASETS:
+    # an ImageNet subset's sets say which subset: ImageNetSubset-imagewoof
+    family, _, subset = synthetic.dataset.partition("-")
+    if synthetic.dataset not in DATASETS and not (subset and family == ImageNetSubset.dataset_name):
         raise ValueError(f"{paths[0]} was distilled from {synthetic.dataset!r}; "
                          f"ld3m evaluate knows {', '.join(DATASETS)}")
     zca = synthetic.meta.get("zca")  # a whitened set is evaluated on equally whitened data
     kwargs = {"zca": zca is not None, "zca_eps": (zca or {}).get("eps", 0.1)}
-    data_class = DATASETS[synthetic.dataset]
+    data_class = DATASETS[family if subset else synthetic.dataset]
+    if subset:
+        if subset not in IMAGENET_SUBSETS:
+            raise ValueError(f"{paths[0]} was distilled from {synthetic.dataset!r}, an unknown "
+                             f"ImageNet subset (known: {', '.join(IMAGENET_SUBSETS)})")
+        kwargs.update(subset=subset, image_size=synthetic.image_shape[-1])
+    own = (tuple(data_class.mean), tuple(data_class.std))
+    if zca is None and len(synthetic.mean) == len(own[0]) and not all(
+            math.isclose(a, b, abs_tol=1e-6) for a, b in zip(synthetic.mean + synthetic.std,
+                                                             own[0] + own[1], strict=True)):
+        # distilled with --data.mean/--data.std: the real data is normalised as the set was
+        kwargs.update(mean=list(synthetic.mean), std=list(synthetic.std))
     if issubclass(data_class, ImageFolderData):
         if data_dir is None:
             raise ValueError(f"{paths[0]} was distilled from an image folder: pass --data_dir")

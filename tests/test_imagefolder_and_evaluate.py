@@ -102,3 +102,37 @@ def test_evaluate_command(tiny: MNIST, tmp_path: Path, capsys) -> None:
     assert {(r["set"], r["arch"]) for r in results} == {
         ("random real (IPC 1)", "ConvNet"), ("random real (IPC 1)", "AlexNet"),
         ("random (IPC 1)", "ConvNet"), ("random (IPC 1)", "AlexNet")}
+
+
+def test_evaluate_command_normalises_the_data_as_the_set(tiny: MNIST, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    """A set distilled with --data.mean/--data.std (MTT's CIFAR-100 at CIFAR-10's statistics)
+    is evaluated on real data normalised the same way; a set at the dataset's own is not moved."""
+    import dataclasses
+
+    import ld3m.commands
+
+    seen = []
+    monkeypatch.setattr(ld3m.commands, "run_evaluation",
+                        lambda synthetic, real, **kwargs: seen.append(real) or
+                        evaluate(None, real, runs=1, epochs=1, dsa="none", ipc=1, progress=False))
+    own = random_real_set(tiny, 1, seed=1)
+    moved = dataclasses.replace(own, mean=(0.5,), std=(0.25,))
+    for name, one in (("own", own), ("moved", moved)):
+        path = one.save(tmp_path / f"{name}.safetensors")
+        assert main(["evaluate", "--distilled", str(path), "--data_dir", str(tiny.data_dir), "--runs", "1"]) == 0
+    assert (seen[0].mean, seen[0].std) == (MNIST.mean, MNIST.std)
+    assert (seen[1].mean, seen[1].std) == ((0.5,), (0.25,))
+    x = torch.full((1, 1, 28, 28), 0.75)
+    assert torch.allclose(seen[1].normalize(x), torch.full_like(x, 1.0))
+
+
+def test_data_mean_and_std_options(tmp_path: Path) -> None:
+    data = MNIST(data_dir=str(tmp_path), mean=[0.5], std=[0.25])
+    assert (data.mean, data.std) == ((0.5,), (0.25,))
+    with pytest.raises(ValueError, match="both mean and std"):
+        MNIST(data_dir=str(tmp_path), mean=[0.5])
+    with pytest.raises(ValueError, match="exclude each other"):
+        MNIST(data_dir=str(tmp_path), mean=[0.5], std=[0.25], zca=True)
+    with pytest.raises(ValueError, match="1 values each"):
+        MNIST(data_dir=str(tmp_path), mean=[0.5, 0.5], std=[0.25, 0.25])

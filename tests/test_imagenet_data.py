@@ -7,6 +7,8 @@ the ILSVRC folder layout ``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``. Nothing
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,34 @@ def test_tiny_imagenet_zca_whitens_raw_pixels(tmp_path: Path) -> None:
     # DATM's Tiny configs whiten the raw [0, 1] pixels: no mean/std normalisation
     assert dm.mean == (0.0, 0.0, 0.0) and dm.std == (1.0, 1.0, 1.0)
     assert dm.zca_settings == {"eps": 0.1, "input": "pixels"}
+
+
+def test_tiny_imagenet_zca_fits_3x64x64(tmp_path: Path, monkeypatch) -> None:
+    """DATM whitens Tiny-ImageNet at 64 px: the fit is not refused at 12288 values per image (it
+    once stopped at 4096), and it sees the raw training pixels flat."""
+    import ld3m.datamodules.real as real
+
+    seen = []
+
+    def recording_zca_mean(flat, eps):
+        seen.append((tuple(flat.shape), eps, float(flat.min()), float(flat.max())))
+        raise StopIteration  # the 12288 x 12288 fit itself is not this test's business
+
+    monkeypatch.setattr(real, "zca_mean", recording_zca_mean)
+    _write_tiny_imagenet(tmp_path)
+    dm = TinyImageNet(str(tmp_path), zca=True)
+    dm.setup("fit")
+    with pytest.raises(StopIteration):
+        dm.whiten(torch.zeros(1, 3, 64, 64))
+    (shape, eps, low, high), = seen
+    assert shape == (4 * len(TINY_WNIDS), 3 * 64 * 64) and eps == 0.1
+    assert 0.0 <= low and high <= 1.0
+    _write_imagenet(tmp_path / "imagenet", IMAGENETTE_WNIDS, per_class=1)
+    too_big = ImageNetSubset("imagenette", data_dir=str(tmp_path / "imagenet"), image_size=72,
+                             zca=True)
+    too_big.setup("fit")
+    with pytest.raises(ValueError, match="offered up to 12288"):
+        too_big.whiten(torch.zeros(1, 3, 72, 72))
 
 
 def test_tiny_imagenet_val_sorted_into_class_folders(tmp_path: Path) -> None:
@@ -235,3 +265,13 @@ def test_mtt_fit_on_an_imagenet_subset_at_128(tmp_path: Path) -> None:
     synthetic = SyntheticSet.load(out / "synthetic.safetensors")
     assert synthetic.dataset == "ImageNetSubset-imagewoof"
     assert synthetic.image_shape == (3, 128, 128) and synthetic.num_classes == 10
+    # ld3m evaluate finds the subset (and its size) from the set's dataset name
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "--distilled", str(out / "synthetic.safetensors"), "--data_dir",
+                 str(tmp_path / "imagenet"), "--runs", "1", "--epochs", "1", "--baseline", "false",
+                 "--archs", "ConvNetD5", "--output", str(report)]) == 0
+    settings = json.loads(report.read_text())["settings"]
+    assert settings["dataset"] == "ImageNetSubset-imagewoof"
+    unknown = tmp_path / "unknown.safetensors"
+    dataclasses.replace(synthetic, dataset="ImageNetSubset-imagecat").save(unknown)
+    assert main(["evaluate", "--distilled", str(unknown), "--data_dir", str(tmp_path / "imagenet")]) == 2

@@ -70,6 +70,10 @@ def test_mtt_cifar100_recipe_is_the_published_setting(ipc: int, capsys) -> None:
     assert config["data"]["init_args"]["zca"] is zca
     if zca:
         assert config["data"]["init_args"]["zca_eps"] == 0.1
+    # unwhitened, their utils.py normalises CIFAR-100 with CIFAR-10's mean/std (whitened: none)
+    data = config["data"]["init_args"]
+    cifar10 = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
+    assert (data["mean"], data["std"]) == ((None, None) if zca else cifar10)
     assert config["trainer"]["max_steps"] == 5000
     evaluation = config["evaluation"]
     assert (evaluation["every_n_steps"], evaluation["runs"], evaluation["epochs"],
@@ -80,6 +84,8 @@ def test_mtt_cifar100_recipe_is_the_published_setting(ipc: int, capsys) -> None:
     assert "--data CIFAR100" in command and f"--folder {model['buffer']}" in command
     assert ("--data.zca true" in command) is zca and model["buffer"].endswith("_zca") is zca
     assert int(re.search(r"--epochs (\d+)", command).group(1)) >= start + epochs
+    if not zca:  # the buffer normalised as the recipe is
+        assert "--data.mean [0.4914,0.4822,0.4465] --data.std [0.2023,0.1994,0.2010]" in command
     header = recipe_path(name).read_text()
     assert f"Published ConvNet accuracy: {accuracy}%" in header
     assert "GeorgeCazenavette/mtt-distillation" in header
