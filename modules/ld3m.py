@@ -64,6 +64,7 @@ again (e.g. with other ``steps``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,13 @@ from ld3m.modules.mtt import GRADIENT_MODES, MTT
 from torch import nn
 
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
+from ld3m.classes import generator_labels
 from ld3m.generator import LatentGenerator
 from ld3m.synthetic import SyntheticSet
 
 __all__ = ["NOISE_MODES", "OBJECTIVES", "PUBLISHED_LR", "LD3M", "rerender"]
+
+log = logging.getLogger(__name__)
 
 OBJECTIVES = ("dm", "dc", "mtt")
 
@@ -154,6 +158,12 @@ class LD3M(DistillationModule):
             the authors': the scored render and the chunked backward's re-render draw their
             own), ``step`` (one draw per step for both) or ``fixed`` (one tensor per image for
             the whole run). Draws are keyed by seed and step: reproducible, equal on every rank.
+        class_map: The generator label each data class starts from (its row of the class
+            table), one per data class in the data's order; default: found by
+            :func:`ld3m.classes.generator_labels` (data classes named by wnid are looked up in
+            the generator's ``id2label`` or ImageNet-1k's index, e.g. ImageNette's class 1 is
+            label 217; a generator of the data's own classes maps ``k`` to ``k``), anything else
+            refused. Recorded in the exported set (``meta.ld3m.generator_labels``).
         seed: Seed of the initialisation, the noise and every random draw of the objective.
         num_classes: Number of classes (default: from the data module).
         image_shape: ``(C, H, W)`` (default: from the data module).
@@ -170,7 +180,8 @@ class LD3M(DistillationModule):
                  buffer: str | None = None, syn_steps: int = 10, expert_epochs: int = 2,
                  max_start_epoch: int = 2, min_start_epoch: int = 0, lr_teacher: float = 0.01,
                  lr_lr: float = 1e-6, batch_syn: int | None = None, mtt_gradient: str = "auto",
-                 noise: str = "fresh", seed: int = 0, num_classes: int | None = None,
+                 noise: str = "fresh", class_map: list[int] | None = None, seed: int = 0,
+                 num_classes: int | None = None,
                  image_shape: tuple[int, int, int] | None = None) -> None:
         objective = str(objective).lower()
         if objective not in OBJECTIVES:
@@ -221,6 +232,7 @@ class LD3M(DistillationModule):
         self.hparams["lr_latent"], self.hparams["lr_embedding"] = lr_latent, lr_embedding
         self.generator_dir = str(folder.resolve())
         self.noise_mode = noise
+        self.class_map = None if class_map is None else [int(label) for label in class_map]
         self.objective = objective
         self.steps = int(steps)
         self.chunk_size = int(chunk_size) if chunk_size is not None else None
@@ -261,9 +273,20 @@ class LD3M(DistillationModule):
     def _allocate(self, num_classes: int, image_shape: tuple[int, ...]) -> None:
         image_shape = tuple(int(s) for s in image_shape)
         gen = self.latent_generator()
-        if (num_classes, image_shape) != (gen.num_classes, gen.image_shape):
-            raise ValueError(f"the generator {self.generator_dir} renders {gen.num_classes} classes of "
-                             f"{gen.image_shape}, but the data has {num_classes} of {image_shape}")
+        if image_shape != gen.image_shape:
+            hint = ""
+            if image_shape[1:] == gen.image_shape[1:] and image_shape[0] != gen.image_shape[0]:
+                hint = (f" (the generator takes {gen.image_shape[0]}-channel images: give it data "
+                        f"with {gen.image_shape[0]} channels"
+                        + (", e.g. --data ImageFolder, which reads RGB)" if gen.image_shape[0] == 3
+                           else ")"))
+            elif image_shape[0] == gen.image_shape[0]:
+                hint = f" (resize the data: e.g. --data.image_size {gen.image_shape[-1]})"
+            raise ValueError(f"the generator {self.generator_dir} renders images of "
+                             f"{gen.image_shape}, but the data's are {image_shape}{hint}")
+        if self.class_map is not None and len(self.class_map) != num_classes:
+            raise ValueError(f"class_map gives {len(self.class_map)} generator labels but the data "
+                             f"has {num_classes} classes")
         if self.guidance != 1.0 and gen.null_class is None:
             raise ValueError(f"guidance={self.guidance} needs a generator with a null class; "
                              f"{self.generator_dir} has none (use --model.guidance 1)")
@@ -276,6 +299,10 @@ class LD3M(DistillationModule):
         self.__dict__.pop("images", None)  # the base class's placeholder attribute
         self.register_buffer("images", torch.zeros(n, *image_shape))
         self.labels = torch.arange(num_classes).repeat_interleave(self.ipc)
+        # data class k starts from generator row generator_labels[k] (set by initialise)
+        self.register_buffer("generator_labels", torch.tensor(
+            self.class_map if self.class_map is not None else list(range(num_classes)),
+            dtype=torch.long))
         self._stale = True
 
     def setup(self, stage: str) -> None:
@@ -296,14 +323,23 @@ class LD3M(DistillationModule):
 
     def initialise(self, dm) -> None:
         """Encode ``ipc`` random real images per class (drawn from ``seed``) into the latents and
-        copy the classes' table rows into the embeddings (identically on every rank)."""
+        copy the classes' table rows into the embeddings (identically on every rank); data class
+        ``k`` starts from generator row ``generator_labels[k]`` (see ``class_map``)."""
         gen = self.latent_generator()
+        labels, how = generator_labels(dm.class_names, gen.num_classes, gen.id2label,
+                                       self.class_map)
+        self.generator_labels.copy_(torch.tensor(labels, dtype=torch.long))
+        if how != "identity":
+            log.info("LD3M: data classes -> generator labels (%s): %s", how,
+                     ", ".join(f"{n}->{label}" for n, label in zip(dm.class_names, labels,
+                                                                    strict=True)))
         real = dm.sample_per_class(self.ipc, torch.Generator().manual_seed(self.seed)).flatten(0, 1)
         with torch.no_grad():
             device, dtype = self.latents.device, self.latents.dtype
             z = gen.encode(real.to(device=device, dtype=next(gen.parameters()).dtype))
             self.latents.copy_(z.to(dtype))
-            self.embeddings.copy_(gen.class_embedding(self.labels.to(device)).to(dtype))
+            rows = self.generator_labels[self.labels.to(device)]
+            self.embeddings.copy_(gen.class_embedding(rows).to(dtype))
         self._stale = True
 
     def objective_module(self) -> DM | DC | MTT:
@@ -508,9 +544,14 @@ class LD3M(DistillationModule):
                           "noise": self.noise.detach().float().cpu().clone()},
                 "meta": {"ld3m": {"generator": self.generator_dir, "steps": self.steps,
                                   "skip": self.skip, "guidance": self.guidance,
-                                  "objective": self.objective, "noise": self.noise_mode}}}
+                                  "objective": self.objective, "noise": self.noise_mode,
+                                  "generator_labels": self.generator_labels.tolist()}}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        if "latents" in state and "generator_labels" not in state and self.latents is not None:
+            # a checkpoint from before the class mapping: its classes were the generator's own
+            state["generator_labels"] = torch.arange(self.num_classes)
         super().on_load_checkpoint(checkpoint)
         self._loaded_step = int(checkpoint.get("global_step", 0))
         self._stale = True

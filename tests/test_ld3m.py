@@ -101,8 +101,13 @@ def test_bad_arguments(gen_dir: Path, tmp_path: Path):
         _model(gen_dir, network="NoSuchNet")
     with pytest.raises(FileNotFoundError, match="generator folder"):
         _model(tmp_path / "missing")
-    with pytest.raises(ValueError, match="renders 3 classes"):
-        _model(gen_dir, num_classes=10, image_shape=(1, 16, 16))
+    with pytest.raises(ValueError, match=r"renders images of \(1, 16, 16\), but the data's are "
+                                         r"\(1, 8, 8\) \(resize"):
+        _model(gen_dir, num_classes=3, image_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="takes 1-channel images: give it data with 1 channels"):
+        _model(gen_dir, num_classes=3, image_shape=(3, 16, 16))
+    with pytest.raises(ValueError, match="class_map gives 2 generator labels but the data has 3"):
+        _model(gen_dir, num_classes=3, image_shape=(1, 16, 16), class_map=[0, 1])
     no_null = tmp_path / "no_null"
     tiny_generator(null=False).save_pretrained(no_null)
     with pytest.raises(ValueError, match="null class"):
@@ -186,7 +191,7 @@ def test_fit_dm_updates_z_and_c_keeps_generator_frozen_and_exports(gen_dir: Path
     for key, value in fresh.state_dict().items():
         torch.testing.assert_close(used.state_dict()[key], value, rtol=0, atol=0)
     keys = set(model.state_dict())
-    assert keys == {"latents", "embeddings", "noise", "images", "labels"}
+    assert keys == {"latents", "embeddings", "noise", "images", "labels", "generator_labels"}
     ckpt = tmp_path / "ld3m.ckpt"
     trainer.save_checkpoint(ckpt)
     assert set(torch.load(ckpt, weights_only=False)["state_dict"]) == keys
