@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import ld3m.datamodules  # noqa: F401  (registers the data modules for --data NAME)
 import ld3m.modules  # noqa: F401  (registers the methods for --model NAME)
-from ld3m import commands
+from ld3m import commands, ldm
 from ld3m.callbacks import ExportSynthetic, ImageGrid, PeriodicEvaluation, ResumeCheckpoint
 from ld3m.configs import recipe_path
 from ld3m.datamodules import DATASETS, RealDataModule
@@ -71,6 +71,7 @@ COMMANDS: dict[str, Callable] = {
     "evaluate": commands.evaluate,
     "buffer": commands.buffer,
     "prior": commands.prior,
+    "convert-ldm": ldm.convert_ldm,
 }
 
 

@@ -9,7 +9,10 @@ and renders the image by running a pretrained class-conditional latent diffusion
   ``class_embed_type=None`` and ``num_class_embeds=K`` (or ``K + 1``, the last row being the
   *null* class of classifier-free guidance), or a :class:`~diffusers.DiTTransformer2DModel`
   (a diffusers ``DiTPipeline`` folder such as ``facebook/DiT-XL-2-256``; the DiT specifics
-  are in :mod:`ld3m.dit`);
+  are in :mod:`ld3m.dit`), or a :class:`~diffusers.UNet2DConditionModel` conditioned by
+  cross-attention on one context token, the class vector ``c`` (``encoder_hidden_states =
+  c[:, None, :]``, as LDM's ``ClassEmbedder`` for ``cin256-v2``; see :mod:`ld3m.ldm`), its class
+  table then held by the generator (``class_embedder``);
 - ``scheduler``: a :class:`~diffusers.DDIMScheduler` (only its noise schedule and timestep
   spacing are used; the DDIM update with LD3M's skip is computed here);
 - ``scaling_factor`` (and ``shift_factor``): ``z = (vae latent - shift) * scale``.
@@ -31,7 +34,9 @@ table. So ``denoiser(x, t, class_labels=c)`` with ``c`` a float embedding vector
 :meth:`LatentGenerator.class_embedding` gives the table rows used to initialise ``c``. A DiT
 has a (identical) copy of its class table in every block's adaLN-Zero ``norm1.emb``: each is
 wrapped the same way and one vector ``c`` per image conditions every block, as DiT's single
-class embedder does (see :mod:`ld3m.dit`).
+class embedder does (see :mod:`ld3m.dit`). A ``UNet2DConditionModel`` has no table of its own:
+the generator's ``class_embedder`` (a :class:`VectorClassEmbedding`) holds it, and ``c`` is the
+cross-attention context.
 
 **Rendering** (:meth:`LatentGenerator.render`): ``z_T = sqrt(a_T) z + sqrt(1 - a_T) noise`` at
 the first timestep ``t_T`` of a ``T``-step DDIM schedule, then ``T`` DDIM steps (eta 0). After
@@ -73,6 +78,7 @@ caller's job (manual optimisation and an all-reduce, or ``no_sync``): not handle
     folder/scheduler/scheduler_config.json
     folder/ld3m_generator.json   # format, num_classes, null_class, image_shape, latent_shape,
                                  # image_mean, image_std, scaling_factor, shift_factor, meta
+    folder/class_embedder/{config.json, model.safetensors}   # only with a UNet2DConditionModel
 
 or a diffusers ``DiTPipeline`` folder (``model_index.json``, ``transformer/``, ``vae/``,
 ``scheduler/``; ``ld3m_generator.json`` optional there): :meth:`LatentGenerator.from_pretrained`
@@ -92,18 +98,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, UNet2DModel, VQModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+    VQModel,
+)
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ld3m import dit as _dit
 from ld3m.files import atomic_dir, read_json_object
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "LatentGenerator", "VectorClassEmbedding", "skip_weights"]
+__all__ = ["CLASS_EMBEDDER", "CONFIG_NAME", "FORMAT_VERSION", "LatentGenerator", "VectorClassEmbedding", "skip_weights"]
 
 log = logging.getLogger("ld3m")
 
 CONFIG_NAME = "ld3m_generator.json"
+#: The part holding a ``UNet2DConditionModel``'s class table (``config.json``, ``model.safetensors``)
+CLASS_EMBEDDER = "class_embedder"
+_UNET_CLASSES: dict[str, type] = {"UNet2DModel": UNet2DModel,
+                                  "UNet2DConditionModel": UNet2DConditionModel}
 FORMAT_VERSION = 1
 _VAE_CLASSES: dict[str, type] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -178,9 +196,10 @@ class LatentGenerator(nn.Module):
         vae: The first stage (``AutoencoderKL`` or ``VQModel``).
         denoiser: A ``UNet2DModel`` with an ``nn.Embedding`` class table
             (``class_embed_type=None``, ``num_class_embeds`` = ``num_classes`` (+1 for a null
-            class)), or a class-conditional ``DiTTransformer2DModel`` (its blocks' tables
-            identical; a learned-sigma output's first half is used); it predicts what the
-            scheduler's ``prediction_type`` says.
+            class)), a class-conditional ``DiTTransformer2DModel`` (its blocks' tables
+            identical; a learned-sigma output's first half is used), or a
+            ``UNet2DConditionModel`` whose cross-attention context is one class vector (with
+            ``class_table``); it predicts what the scheduler's ``prediction_type`` says.
         scheduler: A ``DDIMScheduler`` (its schedule, spacing, ``clip_sample``,
             ``set_alpha_to_one`` and ``prediction_type`` are honoured; ``thresholding`` is not
             supported).
@@ -196,26 +215,45 @@ class LatentGenerator(nn.Module):
         meta: Free-form JSON-serialisable information saved with the generator (dataset,
             training budget, ...).
         id2label: Class names by table row (a DiT folder's ``model_index.json`` ``id2label``).
+        class_table: For a ``UNet2DConditionModel`` (and only then): the class-embedding table
+            whose rows are its cross-attention context (``embedding_dim`` =
+            ``cross_attention_dim``; LDM's ``ClassEmbedder``).
     """
 
-    def __init__(self, vae: AutoencoderKL | VQModel, denoiser: UNet2DModel | DiTTransformer2DModel,
+    def __init__(self, vae: AutoencoderKL | VQModel,
+                 denoiser: UNet2DModel | DiTTransformer2DModel | UNet2DConditionModel,
                  scheduler: DDIMScheduler, num_classes: int, image_shape: Sequence[int], *,
                  null_class: int | None = None,
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                  scaling_factor: float | None = None, shift_factor: float | None = None,
                  quantize: bool = True, meta: dict[str, Any] | None = None,
-                 id2label: dict[int, str] | None = None) -> None:
+                 id2label: dict[int, str] | None = None,
+                 class_table: nn.Embedding | None = None) -> None:
         super().__init__()
         if not isinstance(vae, AutoencoderKL | VQModel):
             raise ValueError(f"vae must be an AutoencoderKL or a VQModel, got {type(vae).__name__}")
-        if not isinstance(denoiser, UNet2DModel | DiTTransformer2DModel):
-            raise ValueError("denoiser must be a UNet2DModel or a DiTTransformer2DModel, got "
-                             f"{type(denoiser).__name__}")
+        if not isinstance(denoiser, UNet2DModel | DiTTransformer2DModel | UNet2DConditionModel):
+            raise ValueError("denoiser must be a UNet2DModel, a DiTTransformer2DModel or a "
+                             f"UNet2DConditionModel, got {type(denoiser).__name__}")
         if not isinstance(scheduler, DDIMScheduler):
             raise ValueError(f"scheduler must be a DDIMScheduler, got {type(scheduler).__name__}")
         self.is_dit = isinstance(denoiser, DiTTransformer2DModel)
+        #: the class vector is a UNet2DConditionModel's cross-attention context (LDM's cin256-v2)
+        self.is_cross_attention = isinstance(denoiser, UNet2DConditionModel)
+        if class_table is not None and not self.is_cross_attention:
+            raise ValueError("class_table is only for a UNet2DConditionModel denoiser (the others "
+                             "hold their own class table)")
         if self.is_dit:
             tables = _dit.class_tables(denoiser)
+        elif self.is_cross_attention:
+            if not isinstance(class_table, nn.Embedding):
+                raise ValueError("a UNet2DConditionModel denoiser needs class_table, the nn.Embedding "
+                                 "whose rows are its cross-attention context")
+            if denoiser.config.cross_attention_dim != class_table.embedding_dim:
+                raise ValueError(f"the class table's vectors have {class_table.embedding_dim} values "
+                                 "but the denoiser's cross_attention_dim is "
+                                 f"{denoiser.config.cross_attention_dim}")
+            tables = [class_table]
         elif isinstance(denoiser.class_embedding, nn.Embedding):
             tables = [denoiser.class_embedding]
         else:
@@ -257,6 +295,8 @@ class LatentGenerator(nn.Module):
             for block in denoiser.transformer_blocks:
                 embedder = block.norm1.emb.class_embedder
                 embedder.embedding_table = VectorClassEmbedding.wrap(embedder.embedding_table)
+        elif self.is_cross_attention:
+            self.class_embedder = VectorClassEmbedding.wrap(table)
         else:
             denoiser.class_embedding = VectorClassEmbedding.wrap(table)
         self.id2label = None if id2label is None else {int(k): str(v) for k, v in id2label.items()}
@@ -302,9 +342,12 @@ class LatentGenerator(nn.Module):
 
     @property
     def class_table(self) -> VectorClassEmbedding:
-        """The class-embedding table (a DiT's block 0 table; the other blocks hold the same)."""
+        """The class-embedding table (a DiT's block 0 table; the other blocks hold the same; a
+        ``UNet2DConditionModel``'s: the generator's ``class_embedder``)."""
         if self.is_dit:
             return self.denoiser.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+        if self.is_cross_attention:
+            return self.class_embedder
         return self.denoiser.class_embedding
 
     @property
@@ -440,6 +483,8 @@ class LatentGenerator(nn.Module):
     def _denoise_call(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.is_dit:
             return _dit.epsilon(self.denoiser, x, t, c)
+        if self.is_cross_attention:  # one context token: LDM's ClassEmbedder output (N, 1, D)
+            return self.denoiser(x, t, encoder_hidden_states=c[:, None, :], return_dict=False)[0]
         return self.denoiser(x, t, class_labels=c, return_dict=False)[0]
 
     def _model_output(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, guidance: float,
@@ -604,7 +649,8 @@ class LatentGenerator(nn.Module):
 
         The kind is read from the folder: a ``model_index.json`` naming ``DiTPipeline`` is a
         diffusers DiT folder (:mod:`ld3m.dit`), otherwise ``ld3m_generator.json`` must be there
-        (a folder of ``ld3m prior`` or :meth:`save_pretrained`).
+        (a folder of ``ld3m prior``, ``ld3m convert-ldm`` or :meth:`save_pretrained`; its
+        ``unet/`` a ``UNet2DModel``, or a ``UNet2DConditionModel`` with ``class_embedder/``).
 
         Args:
             folder: The folder written by :meth:`save_pretrained` (or ``ld3m prior``), or a
@@ -642,12 +688,15 @@ class LatentGenerator(nn.Module):
         _check_parts(folder, ("vae", "unet"))
         vae_class_name = _vae_class_name(folder)
         unet_class_name = _json_field(folder / "unet" / "config.json", "_class_name")
-        if unet_class_name != "UNet2DModel":
-            raise ValueError(f"{folder / 'unet'} holds a {unet_class_name}, not a UNet2DModel")
+        if unet_class_name not in _UNET_CLASSES:
+            raise ValueError(f"{folder / 'unet'} holds a {unet_class_name}, not a UNet2DModel or a "
+                             "UNet2DConditionModel")
+        class_table = (_load_class_table(folder / CLASS_EMBEDDER)
+                       if unet_class_name == "UNet2DConditionModel" else None)
         vae = _load_vae(folder, vae_class_name)
         with _load_errors(folder / "unet"):
-            unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
-                                               low_cpu_mem_usage=_LOW_CPU_MEM)
+            unet = _UNET_CLASSES[unet_class_name].from_pretrained(
+                folder, subfolder="unet", local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
         with _load_errors(folder / "scheduler"):
             scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler",
                                                       local_files_only=True)
@@ -658,7 +707,8 @@ class LatentGenerator(nn.Module):
                             image_std=cfg.get("image_std") if image_std is None else image_std,
                             scaling_factor=cfg.get("scaling_factor"),
                             shift_factor=cfg.get("shift_factor"),
-                            quantize=cfg.get("quantize", True), meta=cfg.get("meta"))
+                            quantize=cfg.get("quantize", True), meta=cfg.get("meta"),
+                            class_table=class_table)
         if "latent_shape" in cfg and list(generator.latent_shape) != list(cfg["latent_shape"]):
             raise ValueError(f"{cfg_path} says latent_shape {cfg['latent_shape']} but the vae gives "
                              f"{list(generator.latent_shape)}")
@@ -732,6 +782,8 @@ class LatentGenerator(nn.Module):
                 _dit.write_model_index(tmp, self.scheduler, self.vae, self.id2label)
             else:
                 self.denoiser.save_pretrained(tmp / "unet", safe_serialization=True)
+            if self.is_cross_attention:
+                _save_class_table(self.class_embedder, tmp / CLASS_EMBEDDER)
             self.scheduler.save_pretrained(tmp / "scheduler")
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
         log.info("saved the LD3M generator to %s", target)
@@ -793,6 +845,36 @@ def _load_vae(folder: Path, class_name: str) -> AutoencoderKL | VQModel:
     with _load_errors(folder / "vae"):
         return _VAE_CLASSES[class_name].from_pretrained(
             folder, subfolder="vae", local_files_only=True, low_cpu_mem_usage=_LOW_CPU_MEM)
+
+
+def _save_class_table(table: nn.Embedding, part: Path) -> None:
+    """``part/config.json`` (the table's size) and ``part/model.safetensors`` (``weight``)."""
+    part.mkdir(parents=True)
+    (part / "config.json").write_text(json.dumps(
+        {"_class_name": "VectorClassEmbedding", "num_embeddings": table.num_embeddings,
+         "embedding_dim": table.embedding_dim}, indent=2) + "\n")
+    save_file({"weight": table.weight.detach().contiguous()}, str(part / "model.safetensors"))
+
+
+def _load_class_table(part: Path) -> nn.Embedding:
+    """The class table :func:`_save_class_table` wrote, checked against its config."""
+    for name in ("config.json", "model.safetensors"):
+        if not (part / name).is_file():
+            raise FileNotFoundError(f"{part / name} is missing (the class table of a "
+                                    "UNet2DConditionModel generator)")
+    rows = _json_field(part / "config.json", "num_embeddings")
+    dim = _json_field(part / "config.json", "embedding_dim")
+    with _load_errors(part):
+        tensors = load_file(str(part / "model.safetensors"))
+    weight = tensors.get("weight")
+    if set(tensors) != {"weight"} or weight is None or weight.dim() != 2 or \
+            list(weight.shape) != [rows, dim]:
+        raise ValueError(f"{part / 'model.safetensors'} must hold one tensor 'weight' of shape "
+                         f"[{rows}, {dim}] (its config.json), got "
+                         f"{ {k: list(v.shape) for k, v in tensors.items()} }")
+    table = nn.Embedding(int(rows), int(dim), device="meta")
+    table.weight = nn.Parameter(weight, requires_grad=False)
+    return table
 
 
 def _check_weights(part: Path) -> None:

@@ -72,7 +72,7 @@ def test_top_help_lists_exactly_the_working_subcommands(capsys) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     listed = re.findall(r"^  ([a-z-]+)  ", out, flags=re.M)
-    assert listed == ["fit", "evaluate", "buffer", "prior"]
+    assert listed == ["fit", "evaluate", "buffer", "prior", "convert-ldm"]
     assert main([]) == 0, "a bare `ld3m` prints the help, it does not start a run"
     assert capsys.readouterr().out == out
     for name in listed:
@@ -80,7 +80,7 @@ def test_top_help_lists_exactly_the_working_subcommands(capsys) -> None:
         assert f"ld3m {name}" in capsys.readouterr().out or name == "fit"
     for gone in ("validate", "test", "predict"):
         assert main([gone]) == 2
-        assert "choose one of: fit, evaluate, buffer, prior" in error_line(capsys)
+        assert "choose one of: fit, evaluate, buffer, prior, convert-ldm" in error_line(capsys)
 
 
 def test_fit_help_for_one_method_shows_its_flags(capsys) -> None:
