@@ -33,9 +33,13 @@ The objective is one of the pixel methods' losses, applied to the rendered image
 (:meth:`ld3m.modules.DM.matching_loss`), ``dc`` (:meth:`ld3m.modules.DC.matching_loss`, with
 DC's network re-drawn every ``outer_loop`` steps and trained ``inner_loop`` steps on the
 rendered images in between) or ``mtt`` (:meth:`ld3m.modules.MTT.matching_loss` against an expert
-of ``buffer``, with a learnable student lr ``syn_lr`` owned here). The method's module is held as
-a helper (not a submodule), built with the same IPC, network, DSA and seed, and is only asked for
-its loss. (``dc``'s network is not saved in LD3M checkpoints: a resumed ``dc`` run re-draws it.)
+of ``buffer``, with a learnable student lr ``syn_lr`` owned here). The objective is the method
+itself, configured in one place: ``--model.objective MTT --model.objective.buffer DIR
+--model.objective.syn_steps 10`` (jsonargparse's nested class arguments; any DM, DC/DSA or
+MTT/DATM class, its flags and defaults its own), or a name (``dm``, ``dc``) for the LD3M
+authors' settings (:data:`PUBLISHED_OBJECTIVES`). The method's module is held as a helper (not
+a submodule), built from those settings with LD3M's IPC and seed, and is only asked for its
+loss. (``dc``'s network is not saved in LD3M checkpoints: a resumed ``dc`` run re-draws it.)
 
 **Memory** (the GLaD/LD3M trick): each step renders the images without a graph, takes
 ``dLoss/dImages`` at the detached images, then back-propagates it through the generator
@@ -64,6 +68,8 @@ again (e.g. with other ``steps``).
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -74,7 +80,7 @@ import torch.distributed as dist
 from ld3m.modules.base import DistillationModule, check_network_name
 from ld3m.modules.dc import DC
 from ld3m.modules.dm import DM
-from ld3m.modules.mtt import GRADIENT_MODES, MTT
+from ld3m.modules.mtt import MTT
 from torch import nn
 
 from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
@@ -82,7 +88,8 @@ from ld3m.classes import generator_labels
 from ld3m.generator import LatentGenerator
 from ld3m.synthetic import SyntheticSet
 
-__all__ = ["NOISE_MODES", "OBJECTIVES", "PUBLISHED_LR", "LD3M", "rerender"]
+__all__ = ["NOISE_MODES", "OBJECTIVES", "PUBLISHED_LR", "PUBLISHED_OBJECTIVES", "LD3M", "objective_kind",
+           "resolve_objective", "rerender"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,97 @@ OBJECTIVES = ("dm", "dc", "mtt")
 #: ``src/distill_dm_LD3M.py``, ``src/distill_dc_LD3M.py``, ``src/distill_mtt_LD3M.py`` in
 #: Brian-Moser/prune_and_distill).
 PUBLISHED_LR = {"dm": 1.0, "dc": 0.1, "mtt": 1000.0}
+
+#: The LD3M authors' settings of each objective (the name form ``objective="dm"``): their
+#: ``src/distill_dm_LD3M.py`` (DM: ConvNet, DSA), ``src/distill_dc_LD3M.py`` (DC: ``outer_loop``
+#: = ``inner_loop`` = 1, ``lr_net`` 0.01, DSA) and ``src/distill_mtt_LD3M.py`` (MTT:
+#: ``syn_steps`` 10, ``expert_epochs`` 2, ``max_start_epoch`` 2, ``lr_teacher`` 0.01,
+#: ``lr_lr`` 1e-6; it needs a ``buffer``, so it is given as a method object with these values);
+#: ``lr_img`` is their ``lr_w`` of ``z`` and ``c``.
+PUBLISHED_OBJECTIVES: dict[str, tuple[type[DistillationModule], dict[str, Any]]] = {
+    "dm": (DM, {"network": "ConvNet", "dsa": DEFAULT_DSA, "lr_img": PUBLISHED_LR["dm"]}),
+    "dc": (DC, {"network": "ConvNet", "dsa": DEFAULT_DSA, "lr_img": PUBLISHED_LR["dc"],
+                "lr_net": 0.01, "outer_loop": 1, "inner_loop": 1}),
+    "mtt": (MTT, {"dsa": DEFAULT_DSA, "lr_img": PUBLISHED_LR["mtt"], "syn_steps": 10,
+                  "expert_epochs": 2, "max_start_epoch": 2, "lr_teacher": 0.01, "lr_lr": 1e-6}),
+}
+
+try:  # LightningCLI's "hyperparameters given by the command line" (see _build)
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters as _GIVEN_HPARAMS
+except ImportError:  # pragma: no cover - another Lightning version: nothing to neutralise
+    _GIVEN_HPARAMS = None
+
+#: The objective's arguments LD3M sets itself.
+_OWNED = ("ipc", "init", "seed", "num_classes", "image_shape")
+
+
+def objective_kind(cls: type) -> str:
+    """``dm``, ``dc`` or ``mtt``: which of the three losses a method class's objective is
+    (subclasses count: DSA is a DC, DATM an MTT)."""
+    for base, kind in ((MTT, "mtt"), (DC, "dc"), (DM, "dm")):
+        if isinstance(cls, type) and issubclass(cls, base):
+            return kind
+    raise ValueError(f"LD3M's objective must be a DM, DC (or DSA) or MTT (or DATM) method, got "
+                     f"{getattr(cls, '__name__', cls)!r}")
+
+
+def resolve_objective(objective: Any) -> tuple[type[DistillationModule], dict[str, Any]]:
+    """``(method class, its settings)`` of an ``objective`` argument: a method object (its own
+    settings), ``{"class_path": ..., "init_args": ...}`` (a checkpoint's record) or a name of
+    :data:`PUBLISHED_OBJECTIVES`. The arguments LD3M owns (``ipc``, ``init``, ``seed``,
+    ``num_classes``, ``image_shape``) are left out."""
+    if isinstance(objective, DistillationModule):
+        cls = type(objective)
+        names = inspect.signature(cls).parameters
+        given = objective.hparams_initial  # as constructed (before a method resolves its Nones)
+        recorded = given.get("objective")
+        if "_instantiator" in given and isinstance(recorded, dict) and "class_path" in recorded:
+            # built by LightningCLI inside LD3M's instantiation: the method recorded LD3M's
+            # command-line settings as its own, and the objective's are the nested ones there
+            return resolve_objective(recorded)
+        args = {k: given[k] for k in names if k in given}
+    elif isinstance(objective, dict) and "class_path" in objective:
+        module, _, name = str(objective["class_path"]).rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None)
+        if cls is None:
+            raise ValueError(f"unknown objective class {objective['class_path']!r}")
+        args = dict(objective.get("init_args") or {})
+    elif isinstance(objective, str):
+        key = objective.lower()
+        if key not in PUBLISHED_OBJECTIVES:
+            raise ValueError(f"objective must be a method (e.g. --model.objective DC) or one of "
+                             f"{tuple(PUBLISHED_OBJECTIVES)}, got {objective!r}")
+        cls, args = PUBLISHED_OBJECTIVES[key]
+        args = dict(args)
+        if key == "mtt":
+            flags = " ".join(f"--model.objective.{k} {v}" for k, v in args.items() if k != "dsa")
+            raise ValueError("objective 'mtt' needs a buffer of expert trajectories: give it as "
+                             "the method, --model.objective MTT --model.objective.buffer DIR (made "
+                             "with `ld3m buffer`); the LD3M authors' MTT settings are " + flags)
+    else:
+        raise ValueError(f"objective must be a method object or a name, got {type(objective).__name__}")
+    objective_kind(cls)
+    return cls, {k: v for k, v in args.items() if k not in _OWNED}
+
+
+def _build(cls: type[DistillationModule], args: dict[str, Any]) -> DistillationModule:
+    """The objective's method module, with its own settings as its hparams. Built here, outside
+    ``LD3M.__init__`` (Lightning's ``save_hyperparameters`` collects the arguments of every
+    enclosing ``__init__`` frame, and would record LD3M's as the method's), and outside
+    LightningCLI's instantiation context (which hands LD3M's command-line settings to every
+    ``save_hyperparameters`` call within)."""
+    token = _GIVEN_HPARAMS.set(None) if _GIVEN_HPARAMS is not None else None
+    try:
+        return cls(**args)
+    finally:
+        if token is not None:
+            _GIVEN_HPARAMS.reset(token)
+
+
+def _plain(args: dict[str, Any]) -> dict[str, Any]:
+    """JSON/YAML-friendly copy of an objective's settings (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+
 
 #: ``noise`` settings: new noise at every render (the authors'), one per step, or one fixed
 #: tensor per image.
@@ -121,8 +219,14 @@ class LD3M(DistillationModule):
         generator: Folder of the frozen generator (``LatentGenerator.save_pretrained`` or
             ``ld3m prior``); its classes and image shape must be the data's.
         ipc: Synthetic images per class.
-        objective: The loss applied to the rendered images: ``dm`` (distribution matching),
-            ``dc`` (gradient matching) or ``mtt`` (trajectory matching; needs ``buffer``).
+        objective: The loss applied to the rendered images, a pixel method's: a method object
+            with its own settings, on the command line ``--model.objective DM|DC|DSA|MTT`` and
+            that method's flags as ``--model.objective.<flag>`` (e.g. ``--model.objective MTT
+            --model.objective.buffer DIR --model.objective.syn_steps 10``; every setting is the
+            method's own, its defaults the pixel method's), or a name, ``dm`` or ``dc``, for
+            that method at the LD3M authors' settings (:data:`PUBLISHED_OBJECTIVES`). The
+            objective's ``ipc``, ``init``, ``seed``, ``num_classes`` and ``image_shape`` are
+            LD3M's; an ``mtt`` objective needs the method object (its ``buffer``).
         steps: DDIM steps ``T`` of each render (more: slower, closer to the model's samples;
             the authors' ``ddim_steps`` 10).
         guidance: Classifier-free guidance scale (1: none; needs a generator with a null class;
@@ -130,30 +234,16 @@ class LD3M(DistillationModule):
         skip: LD3M's skip from the initial latent (``x0_hat = (1 - i/T') x0_hat + (i/T') z``).
         chunk_size: Images re-rendered per backward pass (bounds the memory); ``None``: one
             render with the whole graph (no re-render; faster where it fits in memory).
-        lr_latent: Learning rate of the latents ``z`` (SGD); ``None``: the objective's published
-            value, one lr for ``z`` and ``c`` as the authors' ``lr_w``: dm 1, dc 0.1, mtt 1000.
+        lr_latent: Learning rate of the latents ``z`` (SGD); ``None``: the objective's
+            ``lr_img`` (the authors' one ``lr_w`` for ``z`` and ``c``: dm 1, dc 0.1, mtt 1000,
+            which are the pixel methods' ``lr_img`` defaults too).
         lr_embedding: Learning rate of the class embeddings ``c`` (SGD); ``None``: as
-            ``lr_latent``'s default (the objective's published value).
+            ``lr_latent``'s default.
         momentum: Momentum of the SGD of ``z`` and ``c``.
-        network: Network of the objective (see ``ld3m.networks``; default ``ConvNet``). ``mtt``
-            trains the buffer's network: the default is then the buffer's, and another name
-            is refused.
-        dsa: DSA strategy of the objective; ``"none"`` disables it.
-        lr_net: ``dc``: learning rate of the network's inner SGD.
-        outer_loop: ``dc``: image updates per random network (the authors' LD3M script: 1, a
-            new network every step; ``None``: pixel DC's, by IPC).
-        inner_loop: ``dc``: epochs of the network's SGD between updates (the authors' LD3M
-            script: 1, unused with ``outer_loop`` 1; ``None``: pixel DC's, by IPC).
-        buffer: ``mtt``: folder of expert trajectories (``ld3m buffer``) of the same data.
-        syn_steps: ``mtt``: student SGD steps per iteration (N; the authors' LD3M script: 10).
-        expert_epochs: ``mtt``: expert epochs the student must cover (M).
-        max_start_epoch: ``mtt``: start epochs are drawn from ``[min_start_epoch, max_start_epoch)``
-            (the authors' LD3M script: 2).
-        min_start_epoch: ``mtt``: lower end of the start epochs.
-        lr_teacher: ``mtt``: initial (learnable) student learning rate.
-        lr_lr: ``mtt``: SGD learning rate of the student learning rate (theirs: 1e-6).
-        batch_syn: ``mtt``: synthetic images per student step (default: all).
-        mtt_gradient: ``mtt``: ``unroll``, ``recompute`` or ``auto`` (as MTT's ``gradient``).
+        network: Network of the objective, overriding the objective's own (``None``: keep it).
+            ``mtt`` trains the buffer's network: another name is refused.
+        dsa: DSA strategy of the objective, overriding the objective's own (``None``: keep it;
+            ``"none"`` disables it).
         noise: The ``q_sample`` noise of the renders: ``fresh`` (new noise at every render, as
             the authors': the scored render and the chunked backward's re-render draw their
             own), ``step`` (one draw per step for both) or ``fixed`` (one tensor per image for
@@ -172,45 +262,33 @@ class LD3M(DistillationModule):
     method_name = "LD3M"
     lr_flag = "--model.lr_latent"
 
-    def __init__(self, generator: str, ipc: int = 10, objective: str = "dm", steps: int = 10,
-                 guidance: float = 3.0, skip: bool = True, chunk_size: int | None = 10,
-                 lr_latent: float | None = None, lr_embedding: float | None = None,
-                 momentum: float = 0.5, network: str | None = None, dsa: str = DEFAULT_DSA,
-                 lr_net: float = 0.01, outer_loop: int | None = 1, inner_loop: int | None = 1,
-                 buffer: str | None = None, syn_steps: int = 10, expert_epochs: int = 2,
-                 max_start_epoch: int = 2, min_start_epoch: int = 0, lr_teacher: float = 0.01,
-                 lr_lr: float = 1e-6, batch_syn: int | None = None, mtt_gradient: str = "auto",
-                 noise: str = "fresh", class_map: list[int] | None = None, seed: int = 0,
+    def __init__(self, generator: str, ipc: int = 10, objective: DistillationModule | str = "dm",
+                 steps: int = 10, guidance: float = 3.0, skip: bool = True,
+                 chunk_size: int | None = 10, lr_latent: float | None = None,
+                 lr_embedding: float | None = None, momentum: float = 0.5,
+                 network: str | None = None, dsa: str | None = None, noise: str = "fresh", class_map: list[int] | None = None, seed: int = 0,
                  num_classes: int | None = None,
                  image_shape: tuple[int, int, int] | None = None) -> None:
-        objective = str(objective).lower()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        objective_class, objective_args = resolve_objective(objective)
+        takes = inspect.signature(objective_class).parameters
+        if network is not None and "network" in takes:  # (mtt: the buffer's, checked in setup)
+            objective_args["network"] = network
+        if dsa is not None:
+            objective_args["dsa"] = dsa
+        kind = objective_kind(objective_class)
         noise = str(noise).lower()
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-        # the objective's published lr where none is given (one lr for z and c, as theirs)
-        lr_latent = PUBLISHED_LR[objective] if lr_latent is None else lr_latent
-        lr_embedding = PUBLISHED_LR[objective] if lr_embedding is None else lr_embedding
-        for name, value in (("lr_latent", lr_latent), ("lr_embedding", lr_embedding),
-                            ("lr_net", lr_net), ("lr_teacher", lr_teacher), ("lr_lr", lr_lr)):
+        # validated by the method itself (its own errors), as LD3M will build it
+        prototype = _build(objective_class, {**objective_args, "ipc": ipc, "seed": seed})
+        # the objective's lr_img where none is given (one lr for z and c, as the authors' lr_w)
+        published = float(prototype.hparams.get("lr_img", PUBLISHED_LR[kind]))
+        lr_latent = published if lr_latent is None else lr_latent
+        lr_embedding = published if lr_embedding is None else lr_embedding
+        for name, value in (("lr_latent", lr_latent), ("lr_embedding", lr_embedding)):
             if isinstance(value, bool) or not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number, got {value}")
         super().__init__(ipc=ipc, init="real", lr_img=lr_latent, momentum=momentum, seed=seed)
-        if objective == "mtt":
-            if not buffer:
-                raise ValueError("objective 'mtt' needs a buffer of expert trajectories "
-                                 "(--model.buffer, made with `ld3m buffer`)")
-            if syn_steps < 1 or expert_epochs < 1:
-                raise ValueError(f"syn_steps and expert_epochs must be at least 1, got {syn_steps} "
-                                 f"and {expert_epochs}")
-            if not 0 <= min_start_epoch < max_start_epoch:
-                raise ValueError(f"need 0 <= min_start_epoch < max_start_epoch, got "
-                                 f"{min_start_epoch} and {max_start_epoch}")
-            if batch_syn is not None and batch_syn < 1:
-                raise ValueError(f"batch_syn must be at least 1, got {batch_syn}")
-            if mtt_gradient not in GRADIENT_MODES:
-                raise ValueError(f"mtt_gradient must be one of {GRADIENT_MODES}, got {mtt_gradient!r}")
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size
@@ -218,37 +296,34 @@ class LD3M(DistillationModule):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be finite, got {guidance}")
-        if outer_loop is not None and outer_loop < 1:
-            raise ValueError(f"outer_loop must be at least 1, got {outer_loop}")
-        if inner_loop is not None and inner_loop < 0:
-            raise ValueError(f"inner_loop must be >= 0, got {inner_loop}")
         if network is not None:
             check_network_name(network)
         folder = Path(generator).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"no LD3M generator folder at {folder} (make one with `ld3m prior`)")
-        self.save_hyperparameters()
-        # checkpoints (and the logged hparams) record the learning rates actually used
+        self.save_hyperparameters(ignore=["objective"])
+        # checkpoints (and the logged hparams) record the learning rates actually used and the
+        # objective as a class path and its settings (what load_from_checkpoint rebuilds)
         self.hparams["lr_latent"], self.hparams["lr_embedding"] = lr_latent, lr_embedding
+        self.hparams["objective"] = {"class_path": f"{objective_class.__module__}."
+                                                   f"{objective_class.__qualname__}",
+                                     "init_args": _plain(objective_args)}
         self.generator_dir = str(folder.resolve())
         self.noise_mode = noise
         self.class_map = None if class_map is None else [int(label) for label in class_map]
-        self.objective = objective
+        self.objective = kind
+        self.objective_class, self.objective_args = objective_class, objective_args
         self.steps = int(steps)
         self.chunk_size = int(chunk_size) if chunk_size is not None else None
         self.guidance, self.skip = float(guidance), bool(skip)
         self.lr_latent, self.lr_embedding = lr_latent, lr_embedding
-        self.network, self.dsa_strategy = network, dsa
-        self.lr_net, self.outer_loop, self.inner_loop = lr_net, outer_loop, inner_loop
-        self.buffer_dir = buffer
-        self.mtt_args = dict(syn_steps=syn_steps, expert_epochs=expert_epochs,
-                             max_start_epoch=max_start_epoch, min_start_epoch=min_start_epoch,
-                             lr_teacher=lr_teacher, lr_lr=lr_lr, batch_syn=batch_syn,
-                             gradient=mtt_gradient)
-        self.lr_lr = lr_lr
+        self.network = network
+        self.buffer_dir = objective_args.get("buffer")
+        self.lr_lr = float(prototype.hparams["lr_lr"]) if kind == "mtt" else None
         #: ``mtt``: the student's learnable learning rate (shared with the MTT helper).
-        self.syn_lr = nn.Parameter(torch.tensor(float(lr_teacher))) if objective == "mtt" else None
-        self.uses_real_batches = objective != "mtt"
+        self.syn_lr = (nn.Parameter(torch.tensor(float(prototype.hparams["lr_teacher"])))
+                       if kind == "mtt" else None)
+        self.uses_real_batches = kind != "mtt"
         self.latents: nn.Parameter | None = None
         self.embeddings: nn.Parameter | None = None
         # The frozen generator and the objective's module: plain dict, not submodules (out of
@@ -350,15 +425,10 @@ class LD3M(DistillationModule):
         """
         helper = self._frozen.get("objective")
         if helper is None:
-            common = dict(ipc=self.ipc, init="real", dsa=self.dsa_strategy, seed=self.seed,
-                          num_classes=self.num_classes, image_shape=self.image_shape)
-            if self.objective == "dm":
-                helper = DM(network=self.network or "ConvNet", **common)
-            elif self.objective == "dc":
-                helper = DC(network=self.network or "ConvNet", lr_net=self.lr_net, outer_loop=self.outer_loop,
-                            inner_loop=self.inner_loop, **common)
-            else:
-                helper = MTT(self.buffer_dir, **self.mtt_args, **common)
+            helper = _build(self.objective_class, {
+                **self.objective_args, "ipc": self.ipc, "init": "real", "seed": self.seed,
+                "num_classes": self.num_classes, "image_shape": self.image_shape})
+            if self.objective == "mtt":
                 self._check_buffer(helper)
                 helper.syn_lr = self.syn_lr
             helper.images.requires_grad_(False)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import cpu_trainer
 from ld3m.datamodules.real import RealDataModule
-from ld3m.modules import LD3M
+from ld3m.modules import DC, DQ, LD3M, MTT
 from ld3m.modules.ld3m import rerender
 from test_generator import tiny_generator
 
@@ -89,12 +89,13 @@ def test_bad_arguments(gen_dir: Path, tmp_path: Path):
         _model(gen_dir, steps=0)
     with pytest.raises(ValueError, match="chunk_size"):
         _model(gen_dir, chunk_size=0)
-    with pytest.raises(ValueError, match="buffer"):
+    with pytest.raises(ValueError, match="needs a buffer .*--model.objective MTT "
+                                         "--model.objective.buffer DIR"):
         _model(gen_dir, objective="mtt")
-    with pytest.raises(ValueError, match="min_start_epoch"):
-        _model(gen_dir, objective="mtt", buffer=str(tmp_path), max_start_epoch=0)
-    with pytest.raises(ValueError, match="mtt_gradient"):
-        _model(gen_dir, objective="mtt", buffer=str(tmp_path), mtt_gradient="exact")
+    with pytest.raises(ValueError, match="a DM, DC .* or MTT .* method, got 'DQ'"):
+        _model(gen_dir, objective=DQ())
+    with pytest.raises(ValueError, match="outer_loop"):  # the method's own checks
+        _model(gen_dir, objective=DC(outer_loop=0))
     with pytest.raises(ValueError, match="lr_latent"):
         _model(gen_dir, lr_latent=0.0)
     with pytest.raises(ValueError, match="network"):
@@ -220,7 +221,7 @@ def test_fit_dm_updates_z_and_c_keeps_generator_frozen_and_exports(gen_dir: Path
 
 
 def test_fit_dc_objective(gen_dir: Path, data: TinyData, tmp_path: Path):
-    model = _model(gen_dir, objective="dc", outer_loop=2, inner_loop=1, dsa="none")
+    model = _model(gen_dir, objective=DC(outer_loop=2, inner_loop=1), dsa="none")
     initial = _Initial()
     trainer = cpu_trainer(tmp_path, max_steps=2, callbacks=[initial])
     trainer.fit(model, datamodule=data)
@@ -246,8 +247,9 @@ def test_fit_mtt_objective(gen_dir: Path, data: TinyData, tmp_path: Path):
     from test_mtt import write_buffer
 
     buffer = write_buffer(tmp_path / "buffer", shape=(1, 16, 16), epochs=3)
-    model = _model(gen_dir, objective="mtt", buffer=str(buffer), syn_steps=2, expert_epochs=1,
-                   max_start_epoch=2, lr_lr=1e-3, dsa="none", mtt_gradient="recompute")
+    model = _model(gen_dir, objective=MTT(str(buffer), syn_steps=2, expert_epochs=1,
+                                          max_start_epoch=2, lr_lr=1e-3, gradient="recompute"),
+                   dsa="none")
     initial = _Initial()
     trainer = cpu_trainer(tmp_path, max_steps=2, callbacks=[initial])
     trainer.fit(model, datamodule=data)
@@ -259,7 +261,7 @@ def test_fit_mtt_objective(gen_dir: Path, data: TinyData, tmp_path: Path):
     s = model.synthetic_set()
     assert s.lr is not None and s.lr.item() == pytest.approx(model.syn_lr.item())
 
-    too_short = _model(gen_dir, objective="mtt", buffer=str(buffer), max_start_epoch=5)
+    too_short = _model(gen_dir, objective=MTT(str(buffer), max_start_epoch=5))
     with pytest.raises(ValueError, match="epochs"):
         cpu_trainer(tmp_path, max_steps=1).fit(too_short, datamodule=data)
 
@@ -270,8 +272,8 @@ def test_mtt_objective_trains_the_buffers_network(gen_dir: Path, data: TinyData,
     from test_mtt import write_buffer
 
     buffer = write_buffer(tmp_path / "buffer", shape=(1, 16, 16), epochs=3)  # ConvNetW32 experts
-    mtt = dict(objective="mtt", buffer=str(buffer), syn_steps=1, expert_epochs=1,
-               max_start_epoch=2, dsa="none", mtt_gradient="recompute")
+    mtt = dict(objective=MTT(str(buffer), syn_steps=1, expert_epochs=1, max_start_epoch=2,
+                             gradient="recompute"), dsa="none")
     with pytest.raises(ValueError, match="holds ConvNetW32 experts, not ConvNet"):
         cpu_trainer(tmp_path, max_steps=1).fit(_model(gen_dir, **mtt, network="ConvNet"),
                                                datamodule=data)
@@ -292,12 +294,12 @@ def test_one_full_graph_render_trains_like_the_chunked_backward(gen_dir: Path,
         from test_mtt import write_buffer
 
         buffer = write_buffer(tmp_path / "buffer", shape=(1, 16, 16), epochs=3)
-        extra = dict(buffer=str(buffer), syn_steps=2, expert_epochs=1, max_start_epoch=2,
-                     lr_lr=1e-3, dsa="none", mtt_gradient="unroll")
+        extra = dict(objective=MTT(str(buffer), syn_steps=2, expert_epochs=1, max_start_epoch=2,
+                                   lr_lr=1e-3, gradient="unroll"), dsa="none")
     fitted = []
     for chunk_size in (4, None):
-        model = _model(gen_dir, objective=objective, chunk_size=chunk_size, lr_latent=0.05,
-                       lr_embedding=0.05, noise="step", **extra)
+        model = _model(gen_dir, **{"objective": objective, **extra}, chunk_size=chunk_size,
+                       lr_latent=0.05, lr_embedding=0.05, noise="step")
         initial = _Initial()
         cpu_trainer(tmp_path / str(chunk_size), max_steps=3, callbacks=[initial]).fit(
             model, datamodule=TinyData(data_dir=str(tmp_path), batch_per_class=4))

@@ -1,7 +1,8 @@
 """LD3M's defaults are the authors' scripts' (Brian-Moser/prune_and_distill, ``src/``): guidance
 3.0, one lr for ``z`` and ``c`` per objective (DM 1, DC 0.1, MTT 1000), MTT's syn_steps 10,
-max_start_epoch 2, lr_lr 1e-6, DC's outer = inner = 1, and fresh ``q_sample`` noise at every
-render (the fixed per-image noise kept as ``noise="fixed"``).
+max_start_epoch 2, lr_lr 1e-6, DC's outer = inner = 1 (the objectives by name, or given as the
+method with these values), and fresh ``q_sample`` noise at every render (the fixed per-image
+noise kept as ``noise="fixed"``).
 
 On the tiny random generator and the 3-class 16x16 data of ``test_ld3m.py``.
 """
@@ -16,7 +17,8 @@ import yaml
 from helpers import cpu_trainer
 from ld3m.modules import LD3M
 from ld3m.modules.dc import DC
-from ld3m.modules.ld3m import NOISE_MODES, PUBLISHED_LR, rerender
+from ld3m.modules.ld3m import NOISE_MODES, PUBLISHED_LR, PUBLISHED_OBJECTIVES, rerender
+from ld3m.modules.mtt import MTT
 from test_generator import tiny_generator
 from test_ld3m import TinyData
 
@@ -49,16 +51,37 @@ def _printed_model(capsys, *extra: str) -> dict:
 
 # ---------------------------------------------------------------------------------- defaults
 def test_print_config_shows_the_authors_settings(gen_dir: Path, capsys) -> None:
-    """What ``ld3m fit --model LD3M --print_config`` shows: the scripts' values, the per-objective
-    learning rates as ``null`` ("the objective's published value", resolved in ``__init__``)."""
+    """What ``ld3m fit --model LD3M --print_config`` shows: the scripts' values; the objective by
+    name (``dm``: the authors' DM settings), the lrs ``null`` (the objective's ``lr_img``)."""
     args = _printed_model(capsys, "--model.generator", str(gen_dir))
     assert args["guidance"] == 3.0  # --unconditional_guidance_scale 3.0, distill_*_LD3M.py
     assert args["steps"] == 10  # --ddim_steps 10
-    assert args["noise"] == "fresh"
-    assert (args["outer_loop"], args["inner_loop"], args["lr_net"]) == (1, 1, 0.01)  # DC script
-    assert (args["syn_steps"], args["max_start_epoch"], args["expert_epochs"]) == (10, 2, 2)
-    assert (args["lr_lr"], args["lr_teacher"], args["momentum"]) == (1e-6, 0.01, 0.5)
+    assert args["noise"] == "fresh" and args["objective"] == "dm" and args["momentum"] == 0.5
     assert args["lr_latent"] is None and args["lr_embedding"] is None
+    # the authors' per-objective settings (distill_dc_LD3M.py, distill_mtt_LD3M.py)
+    assert PUBLISHED_OBJECTIVES["dc"][1]["outer_loop"] == 1
+    assert PUBLISHED_OBJECTIVES["dc"][1]["inner_loop"] == 1
+    assert PUBLISHED_OBJECTIVES["dc"][1]["lr_net"] == 0.01
+    mtt = PUBLISHED_OBJECTIVES["mtt"][1]
+    assert (mtt["syn_steps"], mtt["max_start_epoch"], mtt["expert_epochs"]) == (10, 2, 2)
+    assert (mtt["lr_lr"], mtt["lr_teacher"]) == (1e-6, 0.01)
+
+
+def test_the_objective_is_the_method_with_its_own_flags(gen_dir: Path, capsys) -> None:
+    """``--model.objective DC`` is the DC method, configured by its own flags (nested
+    ``init_args``): LD3M does not re-list them."""
+    args = _printed_model(capsys, "--model.generator", str(gen_dir), "--model.objective", "DC",
+                          "--model.objective.outer_loop", "3", "--model.objective.lr_net", "0.02")
+    objective = args["objective"]
+    assert objective["class_path"] == "ld3m.modules.DC"
+    assert (objective["init_args"]["outer_loop"], objective["init_args"]["lr_net"]) == (3, 0.02)
+    assert objective["init_args"]["inner_loop"] is None  # DC's own default: by IPC
+    for gone in ("outer_loop", "syn_steps", "buffer", "lr_lr", "mtt_gradient"):
+        assert gone not in args
+    assert main(["fit", "--model", "LD3M", "--help"]) == 0
+    assert "--model.objective.help [CLASS_PATH_OR_NAME]" in capsys.readouterr().out
+    assert main(["fit", "--model", "LD3M", "--model.objective.help", "MTT"]) == 0
+    assert "--objective.syn_steps" in capsys.readouterr().out
 
 
 def _cli_fit(root: Path, gen_dir: Path, *extra: str) -> dict:
@@ -74,29 +97,34 @@ def _cli_fit(root: Path, gen_dir: Path, *extra: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("objective, lr", [("dm", 1.0), ("dc", 0.1), ("mtt", 1000.0)])
+@pytest.mark.parametrize("objective, lr", [("dm", 1.0), ("dc", 0.1), ("MTT", 1000.0)])
 def test_the_objectives_published_lr_is_resolved_and_recorded(gen_dir: Path, tmp_path: Path,
                                                               objective: str, lr: float) -> None:
-    """``lr_latent``/``lr_embedding`` left out: the objective's ``--lr_w`` for both ``z`` and
-    ``c``, in the hparams, the checkpoint and the optimizer that ran."""
+    """``lr_latent``/``lr_embedding`` left out: the objective's ``lr_img`` (the authors' ``--lr_w``)
+    for both ``z`` and ``c``, in the hparams, the checkpoint and the optimizer that ran."""
     assert PUBLISHED_LR == {"dm": 1.0, "dc": 0.1, "mtt": 1000.0}
     extra = ["--model.objective", objective]
-    if objective == "mtt":
+    if objective == "MTT":  # as the method, with the LD3M authors' MTT settings
         from test_mtt import write_buffer
 
         buffer = write_buffer(tmp_path / "buffer", shape=(1, 16, 16), epochs=3)
-        extra += ["--model.buffer", str(buffer), "--model.mtt_gradient", "recompute"]
+        extra += ["--model.objective.buffer", str(buffer), "--model.objective.gradient",
+                  "recompute", "--model.objective.syn_steps", "10",
+                  "--model.objective.max_start_epoch", "2", "--model.objective.expert_epochs",
+                  "2", "--model.objective.lr_lr", "1e-6"]
     checkpoint = _cli_fit(tmp_path, gen_dir, *extra)
     hp = checkpoint["hyper_parameters"]
     assert (hp["lr_latent"], hp["lr_embedding"]) == (lr, lr)
     groups = checkpoint["optimizer_states"][0]["param_groups"]
     assert [g["lr"] for g in groups[:2]] == [lr, lr]  # z, then c
-    if objective == "mtt":
-        assert groups[2]["lr"] == 1e-6  # the student lr's SGD: --lr_lr 1e-6
-        assert (hp["syn_steps"], hp["max_start_epoch"]) == (10, 2)
+    if objective == "MTT":
+        assert groups[2]["lr"] == 1e-6  # the student lr's SGD: the objective's lr_lr
+        assert hp["objective"]["class_path"] == "ld3m.modules.mtt.MTT"
+        assert (hp["objective"]["init_args"]["syn_steps"],
+                hp["objective"]["init_args"]["max_start_epoch"]) == (10, 2)
     # an explicit lr still wins, per group
-    model = _model(gen_dir, objective=objective, lr_embedding=0.5,
-                   **({"buffer": str(tmp_path / "buffer")} if objective == "mtt" else {}))
+    model = _model(gen_dir, objective=objective.lower() if objective != "MTT" else
+                   MTT(str(tmp_path / "buffer")), lr_embedding=0.5)
     assert (model.hparams.lr_latent, model.hparams.lr_embedding) == (lr, 0.5)
 
 
@@ -116,8 +144,25 @@ def test_dc_objective_draws_a_new_network_every_step_and_never_trains_it(
                                                                       batch_per_class=4))
     helper = model.objective_module()
     assert (helper.outer_loop, helper.inner_loop) == (1, 1)
-    assert (model.hparams.outer_loop, model.hparams.inner_loop) == (1, 1)
+    assert model.hparams.objective["init_args"]["outer_loop"] == 1
     assert drawn == [0, 1, 2] and trained == []
+    # the method with DC's own defaults instead: the loops by LD3M's IPC (10: 10 and 50)
+    pixel = LD3M(generator=str(gen_dir), ipc=10, objective=DC(ipc=1), steps=2, network=NET,
+                 num_classes=3, image_shape=(1, 16, 16))
+    assert (pixel.objective_module().outer_loop, pixel.objective_module().inner_loop) == (10, 50)
+
+
+def test_a_checkpoint_rebuilds_the_objective(gen_dir: Path, tmp_path: Path) -> None:
+    """The checkpoint records the objective as its class path and settings, and
+    ``load_from_checkpoint`` builds the same method again."""
+    checkpoint = _cli_fit(tmp_path, gen_dir, "--model.objective", "DC",
+                          "--model.objective.outer_loop", "2")
+    (path,) = tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    restored = LD3M.load_from_checkpoint(path, map_location="cpu")
+    helper = restored.objective_module()
+    assert type(helper) is DC and helper.outer_loop == 2 and helper.network == NET
+    assert "generator" not in helper.hparams  # its own settings, not LD3M's
+    assert checkpoint["hyper_parameters"]["objective"]["init_args"]["network"] == NET
 
 
 # ---------------------------------------------------------------------------------- noise
