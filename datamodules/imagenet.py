@@ -50,7 +50,20 @@ IMAGENET_SUBSETS: dict[str, tuple[int, ...]] = {
     "imageyellow": (309, 986, 954, 951, 987, 779, 599, 291, 72, 11),
     "imagemeow": (281, 282, 283, 284, 285, 291, 292, 290, 289, 287),
     "imagesquawk": (84, 130, 88, 144, 145, 22, 96, 9, 100, 89),
+    # GLaD's and LD3M's ImageNet-A to -E (Brian-Moser/prune_and_distill src/utils.py
+    # ``Config.alpha`` .. ``Config.epsilon``, ``--dataset imagenet-a`` .. ``imagenet-e``; their
+    # ``fruits``, ``yellow``, ``cats`` and ``birds`` are MTT's lists above)
+    "imagenet-a": (255, 376, 984, 364, 500, 986, 333, 576, 148, 135),
+    "imagenet-b": (129, 916, 90, 275, 995, 874, 102, 259, 685, 139),
+    "imagenet-c": (565, 94, 554, 535, 92, 392, 291, 136, 324, 11),
+    "imagenet-d": (9, 258, 13, 262, 19, 339, 321, 24, 93, 322),
+    "imagenet-e": (816, 96, 100, 145, 739, 713, 783, 76, 688, 326),
 }
+
+#: How ImageNetSubset brings an image to ``image_size``: ``squash`` (MTT's ``Resize((s, s))``,
+#: aspect ratio not kept) or ``crop`` (GLaD's and LD3M's ``Resize(s)`` of the shorter side, then
+#: ``CenterCrop(s)``).
+RESIZE_MODES = ("squash", "crop")
 
 #: The normalisation of MTT's and DATM's ``get_dataset`` ('Tiny' and 'ImageNet') and of DM's
 #: ('TinyImageNet'): ImageNet's channel statistics.
@@ -220,23 +233,30 @@ class TinyImageNet(RealDataModule):
 
 
 class ImageNetSubset(RealDataModule):
-    """One of MTT's ten-class ImageNet subsets at 128x128 (imagenette, imagewoof, imagefruit,
-    imageyellow, imagemeow, imagesquawk).
+    """One of the ten-class ImageNet subsets: MTT's at 128x128 (imagenette, imagewoof,
+    imagefruit, imageyellow, imagemeow, imagesquawk) and GLaD's / LD3M's ImageNet-A to -E
+    (imagenet-a .. imagenet-e), at 128 or 256 px.
 
     Reads the ILSVRC 2012 folder layout, ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (as
     ``torchvision.datasets.ImageNet`` extracts it; only the subset's ten class folders are read).
     Class ``c`` is the ``c``-th ImageNet class index of the subset in MTT's ``utils.py`` order,
     its wnid the line of that index in ``ld3m/data/imagenet_wnids.txt``. The ImageNet
     validation images of the ten classes are the test set. Transformed as MTT's
-    ``get_dataset('ImageNet')``: ``ToTensor``, ImageNet's mean/std, ``Resize((size, size))``
-    (bilinear, no antialiasing, aspect ratio not kept), ``CenterCrop(size)``.
+    ``get_dataset('ImageNet')`` (``resize="squash"``): ``ToTensor``, ImageNet's mean/std,
+    ``Resize((size, size))`` (bilinear, no antialiasing, aspect ratio not kept),
+    ``CenterCrop(size)``; or as GLaD's and LD3M's ``get_dataset`` (``resize="crop"``, their
+    ``src/utils.py``): ``ToTensor``, ImageNet's mean/std, ``Resize(size)`` of the shorter side
+    (bilinear, antialiased: torchvision's default since 0.17, their requirements leave it
+    unpinned), ``CenterCrop(size)``.
 
     Args:
         subset: The subset's name (MTT's ``--subset``).
         data_dir: The ImageNet folder holding ``train/`` and ``val/`` (default ``imagenet`` under
             ``$LD3M_DATA_DIR``, else under the user cache ``~/.cache/ld3m/datasets``). It is
             never downloaded.
-        image_size: Side of the square images (MTT's ``get_dataset`` uses 128).
+        image_size: Side of the square images (MTT's ``get_dataset`` uses 128; LD3M's 128 or
+            256, ``--res``).
+        resize: ``squash`` (MTT's) or ``crop`` (GLaD's and LD3M's), see above.
         batch_per_class: Real images per class in every class-balanced training batch.
         batch_size: Batch size of the plain (shuffled, not class-balanced) train loader.
         test_batch_size: Batch size of the test loader.
@@ -260,7 +280,9 @@ class ImageNetSubset(RealDataModule):
                  image_size: int = 128, batch_per_class: int = 256, batch_size: int = 256,
                  test_batch_size: int = 1000, num_workers: int = 0, seed: int = 0,
                  zca: bool = False, zca_eps: float = 0.1, mean: list[float] | None = None,
-                 std: list[float] | None = None) -> None:
+                 std: list[float] | None = None, resize: str = "squash") -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         if subset not in IMAGENET_SUBSETS:
             raise ValueError(f"unknown ImageNet subset {subset!r}; choose one of: "
                              f"{', '.join(IMAGENET_SUBSETS)}")
@@ -273,6 +295,7 @@ class ImageNetSubset(RealDataModule):
                          std=std)
         self.subset = subset
         self.image_size = image_size
+        self.resize = resize
         self.image_shape = (3, image_size, image_size)
         # one name per subset: a set distilled from imagewoof is not evaluated on imagenette
         self.dataset_name = f"ImageNetSubset-{subset}"
@@ -292,10 +315,15 @@ class ImageNetSubset(RealDataModule):
 
     def _transform(self):
         size = (self.image_size, self.image_size)
+        if self.resize == "crop":  # GLaD / LD3M: the shorter side to size, then the centre
+            resize = transforms.Resize(self.image_size,
+                                       interpolation=transforms.InterpolationMode.BILINEAR,
+                                       antialias=True)
+        else:
+            resize = transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR,
+                                       antialias=False)
         return transforms.Compose([
-            transforms.ToTensor(), transforms.Normalize(self.mean, self.std),
-            transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR,
-                              antialias=False),
+            transforms.ToTensor(), transforms.Normalize(self.mean, self.std), resize,
             transforms.CenterCrop(size)])
 
     def _dataset(self, train: bool, transform) -> Dataset:

@@ -178,7 +178,12 @@ def test_tiny_imagenet_errors(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ ImageNet subsets
 def test_subsets_are_mtts_classes_in_their_order(tmp_path: Path) -> None:
     assert list(IMAGENET_SUBSETS) == ["imagenette", "imagewoof", "imagefruit", "imageyellow",
-                                      "imagemeow", "imagesquawk"]
+                                      "imagemeow", "imagesquawk", "imagenet-a", "imagenet-b",
+                                      "imagenet-c", "imagenet-d", "imagenet-e"]
+    # GLaD's / LD3M's ImageNet-A (src/utils.py Config.alpha: Leonberg, proboscis monkey, ...)
+    a = ImageNetSubset("imagenet-a", data_dir=str(tmp_path))
+    assert a.class_indices == [255, 376, 984, 364, 500, 986, 333, 576, 148, 135]
+    assert a.class_names[0] == "n02111129" and a.dataset_name == "ImageNetSubset-imagenet-a"
     assert ImageNetSubset(data_dir=str(tmp_path)).class_names == IMAGENETTE_WNIDS  # the default
     woof = ImageNetSubset("imagewoof", data_dir=str(tmp_path))
     assert woof.class_names == IMAGEWOOF_WNIDS
@@ -204,16 +209,33 @@ def test_imagenet_subset_reads_the_ilsvrc_layout(tmp_path: Path) -> None:
     assert images.shape == (10, 3, 128, 128) and labels.tolist() == list(range(10))
 
 
-def test_imagenet_subset_squashes_to_128_as_mtt(tmp_path: Path) -> None:
-    """MTT's Resize((128, 128)) does not keep the aspect ratio: a 64x32 image whose left quarter
-    is red keeps its red quarter (a short-side resize and centre crop would cut it away)."""
+def _write_red_quarter(root: Path) -> None:
     for split in ("train", "val"):
         for wnid in IMAGENETTE_WNIDS:
             image = Image.new("RGB", (64, 32), (0, 0, 255))
             image.paste((255, 0, 0), (0, 0, 16, 32))
-            path = tmp_path / split / wnid / "a.JPEG"
+            path = root / split / wnid / "a.JPEG"
             path.parent.mkdir(parents=True)
             image.save(path, quality=100)
+
+
+def test_imagenet_subset_crops_the_centre_as_glad_and_ld3m(tmp_path: Path) -> None:
+    """GLaD's / LD3M's Resize(256) then CenterCrop(256): the 64x32 image becomes 512x256 and
+    its centre 256 columns are blue: the red left quarter is cut away."""
+    _write_red_quarter(tmp_path)
+    dm = ImageNetSubset(data_dir=str(tmp_path), image_size=256, resize="crop")
+    dm.setup("fit")
+    pixels = dm.train_split.cached[0].float()
+    assert pixels.shape == (3, 256, 256)
+    assert pixels[2].mean() > 240 and pixels[0].mean() < 15
+    with pytest.raises(ValueError, match="resize must be one of"):
+        ImageNetSubset(data_dir=str(tmp_path), resize="stretch")
+
+
+def test_imagenet_subset_squashes_to_128_as_mtt(tmp_path: Path) -> None:
+    """MTT's Resize((128, 128)) does not keep the aspect ratio: a 64x32 image whose left quarter
+    is red keeps its red quarter (a short-side resize and centre crop would cut it away)."""
+    _write_red_quarter(tmp_path)
     dm = ImageNetSubset(data_dir=str(tmp_path))
     dm.setup("fit")
     pixels = dm.train_split.cached[0].float()
@@ -224,7 +246,7 @@ def test_imagenet_subset_squashes_to_128_as_mtt(tmp_path: Path) -> None:
 
 def test_imagenet_subset_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(ValueError, match="imagecat.*imagenette, imagewoof, imagefruit, "
-                                         "imageyellow, imagemeow, imagesquawk"):
+                                         "imageyellow, imagemeow, imagesquawk, imagenet-a"):
         ImageNetSubset("imagecat")
     _write_imagenet(tmp_path, IMAGENETTE_WNIDS[:9], extra=None)
     with pytest.raises(FileNotFoundError, match=IMAGENETTE_WNIDS[9]):
