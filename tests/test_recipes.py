@@ -15,6 +15,11 @@ METHODS = {"dd": "DD", "dc": "DC", "dsa": "DSA", "dm": "DM", "mtt": "MTT", "datm
 
 
 def _same(printed, written) -> bool:
+    if isinstance(written, dict):  # a nested class (LD3M's objective): every written key
+        return isinstance(printed, dict) and all(
+            _same(printed.get(k), v) for k, v in written.items() if k != "init_args") and all(
+            _same((printed.get("init_args") or {}).get(k), v)
+            for k, v in (written.get("init_args") or {}).items())
     if isinstance(written, float) or isinstance(printed, float):
         return printed is not None and written is not None and float(printed) == float(written)
     return printed == written
