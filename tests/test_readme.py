@@ -67,7 +67,7 @@ def test_command_runs_as_written(doc: str, command: str, quick_start_folder: Pat
                                  monkeypatch, capsys) -> None:
     monkeypatch.chdir(quick_start_folder)
     args = shlex.split(command, comments=True)[1:]
-    if args and args[0] in ("fit", "evaluate", "buffer", "prior") and "--help" not in args:
+    if args and args[0] in ("fit", "evaluate", "buffer", "prior", "convert-ldm") and "--help" not in args:
         args.append("--print_config")
     assert main(args) == 0, capsys.readouterr().err
     assert "error:" not in capsys.readouterr().err
