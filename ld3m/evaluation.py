@@ -50,6 +50,7 @@ from ld3m.augment import DSA, DCAugment
 from ld3m.datamodules.distilled import DistilledDataModule
 from ld3m.datamodules.real import ZCA_INPUT, RealDataModule, describe_zca, zca_flags
 from ld3m.networks import conv_backend, get_network, reset_parameters, xavier_init
+from ld3m.stacked import STACK_PROTOCOLS, StackedClassifier, stackable
 from ld3m.synthetic import SyntheticSet
 from ld3m.unrolled import step_batches, unpack_pool, unpack_weights
 
@@ -464,6 +465,93 @@ def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "C
     return float(metrics["test_acc"])
 
 
+#: Protocol epochs per Lightning step of a stacked evaluation (Lightning's per-step machinery is
+#: then paid once per this many epochs).
+STACK_EPOCHS_PER_STEP = 10
+
+
+def train_and_test_stacked(synthetics: list[SyntheticSet], real: RealDataModule,
+                           arch: str = "ConvNet", epochs: int = 1000, lr: float | None = None,
+                           dsa: str = DEFAULT_DSA, batch_size: int = 256,
+                           seeds: list[int] | tuple[int, ...] = (0,), accelerator: str = "auto",
+                           precision: str | None = None, device: str | torch.device | None = None,
+                           dc_augment: str = "none",
+                           epochs_per_step: int = STACK_EPOCHS_PER_STEP) -> list[float]:
+    """Train ``len(seeds)`` fresh ``arch`` networks at once (:class:`ld3m.stacked.StackedClassifier`,
+    one ``Trainer``) with the standard protocol and return their real test accuracies (0-1), in
+    order: network ``k`` as :func:`train_and_test` with ``seed=seeds[k]`` (its initialisation,
+    minibatch order and augmentation draws), up to float rounding.
+
+    Architectures with BatchNorm (see :func:`ld3m.stacked.stackable`) are not stacked: their
+    networks train one after the other with :func:`train_and_test`.
+
+    Args:
+        synthetics: The training set of every network (``len(seeds)`` sets, e.g. the baseline's
+            random draws, all of one size), or one set shared by all.
+        real: The real dataset (its test split is the test set).
+        arch: Architecture.
+        epochs: The protocol's ``E`` (``E + 1`` epochs).
+        lr: Learning rate (default: the sets' learned lr, else 0.01; it must be the same for all).
+        dsa: DSA strategy ("none" to disable).
+        batch_size: Minibatch size.
+        seeds: Every network's seed.
+        accelerator: Lightning accelerator.
+        precision: Lightning precision.
+        device: Train on this device (default: ``accelerator``'s).
+        dc_augment: DC's augmentation when ``dsa`` is off.
+        epochs_per_step: Protocol epochs per Lightning step.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("train_and_test_stacked needs at least one seed")
+    if len(synthetics) not in (1, len(seeds)):
+        raise ValueError(f"need one set or one per network ({len(seeds)}), got {len(synthetics)}")
+    for one in synthetics:
+        check_zca(one, real)
+    first = synthetics[0]
+    c, h, _ = first.image_shape
+    if not stackable(arch, c, first.num_classes, h):
+        log.debug("%s has BatchNorm: its %d networks train one at a time", arch, len(seeds))
+        return [train_and_test(synthetics[k % len(synthetics)], real, arch, epochs=epochs, lr=lr,
+                               dsa=dsa, batch_size=batch_size, seed=seed, accelerator=accelerator,
+                               precision=precision, device=device, dc_augment=dc_augment)
+                for k, seed in enumerate(seeds)]
+    if lr is None:
+        lrs = {float(one.lr.reshape(-1)[-1]) if one.lr is not None else 0.01 for one in synthetics}
+        if len(lrs) > 1:
+            raise ValueError(f"the stacked networks must share their lr, the sets have {sorted(lrs)}")
+        (lr,) = lrs
+    datasets = [one.as_dataset().tensors for one in synthetics]
+    if len({(tuple(x.shape), tuple(y.shape), y.dtype) for x, y in datasets}) > 1:
+        raise ValueError("the sets of stacked networks must have the same images and label shapes")
+    if len(datasets) == 1 or all(one is first for one in synthetics):
+        images, targets = datasets[0]
+    else:
+        images = torch.stack([x for x, _ in datasets])
+        targets = torch.stack([y for _, y in datasets])
+    model = StackedClassifier(arch, c, first.num_classes, h, seeds, images, targets, lr=lr,
+                              epochs=epochs, dsa=dsa, dc_augment=dc_augment,
+                              batch_size=batch_size, epochs_per_step=epochs_per_step)
+    with _quiet_lightning(), _seeded(seeds[0] + 3):
+        trainer = _evaluation_trainer(1, accelerator, device, precision)
+        trainer.fit(model)
+        trainer.test(model, dataloaders=real.test_dataloader(), verbose=False)
+    return model.accuracies()
+
+
+def _stacks(jobs: list[tuple], mine: list[int], stack: int) -> list[list[int]]:
+    """``mine`` (job indices, in order) cut into runs of at most ``stack`` consecutive jobs of
+    one (architecture, row, set)."""
+    groups: list[list[int]] = []
+    for j in mine:
+        if groups and len(groups[-1]) < stack and jobs[groups[-1][0]][:2] == jobs[j][:2] \
+                and jobs[groups[-1][0]][3] == jobs[j][3]:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    return groups
+
+
 def train_and_test_dd(synthetic: SyntheticSet, real: RealDataModule, seed: int = 0, run: int = 0,
                       accelerator: str = "auto", precision: str | None = None,
                       device: str | torch.device | None = None) -> float:
@@ -519,7 +607,7 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
              accelerator: str = "auto", precision: str | None = None,
              protocol: str = "auto", progress: bool = True, device: str | torch.device | None = None,
              rank: int = 0, world_size: int = 1, dc_augment: str = "none",
-             batch_size: int = 256) -> EvalReport:
+             batch_size: int = 256, stack: int = 0) -> EvalReport:
     """Evaluate a synthetic set (or several) and the random-real baseline over fresh networks.
 
     Args:
@@ -561,6 +649,13 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
             or ``"none"``.
         batch_size: Minibatch of the evaluation training (the DC/DM/MTT protocol's 256; DATM's
             recipes 128).
+        stack: ``0`` or ``1``: every network trains alone (its own ``Trainer``); ``N > 1``: up to
+            ``N`` networks of one architecture and set (the baseline: its runs' draws) train
+            at once as one stacked model (:func:`train_and_test_stacked`), each with the seeds,
+            batches and augmentation it would have had alone, so the same accuracies up to float
+            rounding. The standard protocol only (``glad`` and ``dd`` always train one network
+            at a time), and not for BatchNorm networks (see :mod:`ld3m.stacked`). Ranks stack
+            the networks they own (network ``j`` still trains on rank ``j % world_size``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -585,6 +680,8 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
         archs = [dd["network"]]
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
+    if stack < 0:
+        raise ValueError(f"stack must be 0 (no stacking) or more, got {stack}")
     if first is None and not baseline:
         raise ValueError("nothing to evaluate: no synthetic set and baseline=False")
     for one in many:
@@ -622,31 +719,42 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
     bar = tqdm(total=len(mine), desc=f"evaluation{where}", unit="network", disable=not progress,
                leave=False)
     accuracies: dict[int, float] = {}
-    for j in mine:
-        arch, name, syn, k, run = jobs[j]
-        net_seed = seed + run + 1000 * k
-        data = syn if syn is not None else random_real_set(real, ipc, seed=seed + 7919 * run)
-        if protocol == "dd":  # the baseline gets the set's learned steps and initial weights
-            data = data if syn is not None else replace(
-                data, lr=first.lr, extra=first.extra, meta=first.meta)
-            acc = train_and_test_dd(data, real, seed=net_seed, run=run, accelerator=accelerator,
-                                    precision=precision, device=device)
+    for group in _stacks(jobs, mine, stack if protocol in STACK_PROTOCOLS else 1):
+        arch, name, syn, k, _ = jobs[group[0]]
+        net_seeds = [seed + jobs[j][4] + 1000 * k for j in group]
+        datas = [syn if syn is not None else random_real_set(real, ipc, seed=seed + 7919 * jobs[j][4])
+                 for j in group]
+        if len(group) > 1:  # the standard protocol, several networks at once
+            accs = train_and_test_stacked(
+                datas if syn is None else [syn], real, arch, epochs=arch_epochs[arch],
+                lr=lr if syn is not None else 0.01, dsa=dsa, seeds=net_seeds,
+                accelerator=accelerator, precision=precision, device=device,
+                dc_augment=augments[arch], batch_size=batch_size)
+        elif protocol == "dd":  # the baseline gets the set's learned steps and initial weights
+            data = datas[0] if syn is not None else replace(
+                datas[0], lr=first.lr, extra=first.extra, meta=first.meta)
+            accs = [train_and_test_dd(data, real, seed=net_seeds[0], run=jobs[group[0]][4],
+                                      accelerator=accelerator, precision=precision, device=device)]
         elif protocol == "glad":  # the set and the baseline: the same lr, schedule and EMA
-            acc = train_and_test(data, real, arch, epochs=arch_epochs[arch], lr=arch_lrs[arch],
-                                 dsa=dsa, seed=net_seed, accelerator=accelerator,
-                                 precision=precision, device=device, dc_augment=augments[arch],
-                                 batch_size=batch_size, protocol="glad")
+            accs = [train_and_test(datas[0], real, arch, epochs=arch_epochs[arch],
+                                   lr=arch_lrs[arch], dsa=dsa, seed=net_seeds[0],
+                                   accelerator=accelerator, precision=precision, device=device,
+                                   dc_augment=augments[arch], batch_size=batch_size,
+                                   protocol="glad")]
         else:
-            acc = train_and_test(data, real, arch, epochs=arch_epochs[arch],
-                                 lr=lr if syn is not None else 0.01, dsa=dsa, seed=net_seed,
-                                 accelerator=accelerator, precision=precision, device=device,
-                                 dc_augment=augments[arch], batch_size=batch_size)
-        accuracies[j] = acc
-        which = f", set {k + 1}" if syn is not None and len(many) > 1 else ""
-        log.info("%s on %s%s, run %d/%d%s: %.2f%%", arch, name, which, run + 1, runs, where,
-                 100 * acc)
-        bar.set_postfix_str(f"{arch} on {name}: {100 * acc:.2f}%")
-        bar.update()
+            accs = [train_and_test(datas[0], real, arch, epochs=arch_epochs[arch],
+                                   lr=lr if syn is not None else 0.01, dsa=dsa,
+                                   seed=net_seeds[0], accelerator=accelerator,
+                                   precision=precision, device=device, dc_augment=augments[arch],
+                                   batch_size=batch_size)]
+        for j, acc in zip(group, accs, strict=True):
+            run = jobs[j][4]
+            accuracies[j] = acc
+            which = f", set {k + 1}" if syn is not None and len(many) > 1 else ""
+            log.info("%s on %s%s, run %d/%d%s: %.2f%%", arch, name, which, run + 1, runs, where,
+                     100 * acc)
+            bar.set_postfix_str(f"{arch} on {name}: {100 * acc:.2f}%")
+            bar.update()
     bar.close()
     if world_size > 1:
         accuracies = _all_gather_accuracies(accuracies, world_size)

@@ -136,3 +136,19 @@ def test_data_mean_and_std_options(tmp_path: Path) -> None:
         MNIST(data_dir=str(tmp_path), mean=[0.5], std=[0.25], zca=True)
     with pytest.raises(ValueError, match="1 values each"):
         MNIST(data_dir=str(tmp_path), mean=[0.5, 0.5], std=[0.25, 0.25])
+
+
+def test_evaluate_command_stacks_networks_with_the_same_results(tiny: MNIST, tmp_path: Path) -> None:
+    """``ld3m evaluate --stack 2`` trains the networks two at a time: the report is the one of
+    one network at a time, network for network."""
+    path = random_real_set(tiny, 1, seed=1).save(tmp_path / "set.safetensors")
+    reports = []
+    for stack in (0, 2):
+        out = tmp_path / f"report{stack}.json"
+        assert main(["evaluate", "--distilled", str(path), "--data_dir", str(tiny.data_dir),
+                     "--runs", "3", "--epochs", "2", "--accelerator", "cpu", "--stack", str(stack),
+                     "--output", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0] == reports[1]
+    assert main(["evaluate", "--distilled", str(path), "--data_dir", str(tiny.data_dir),
+                 "--stack", "-1"]) == 2
