@@ -35,7 +35,7 @@ import copy
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import lightning as L
@@ -368,9 +368,21 @@ class EvalReport:
             for r in self.results]}, indent=2)
 
 
-def random_real_set(real: RealDataModule, ipc: int, seed: int = 0) -> SyntheticSet:
-    """``ipc`` random real training images per class, as a synthetic set (the baseline)."""
+def random_real_set(real: RealDataModule, ipc: int, seed: int = 0,
+                    counts: Sequence[int] | None = None) -> SyntheticSet:
+    """``ipc`` random real training images per class, as a synthetic set (the baseline); with
+    ``counts``, ``counts[c]`` images of class ``c`` instead (a DQ fraction set's class counts)."""
     generator = torch.Generator().manual_seed(seed)
+    if counts is not None and len(set(counts)) > 1:
+        if len(counts) != real.num_classes:
+            raise ValueError(f"counts gives {len(counts)} classes, the data has {real.num_classes}")
+        parts = [real.sample_per_class(int(n), generator, classes=[c])[0]
+                 for c, n in enumerate(counts)]
+        labels = torch.arange(real.num_classes).repeat_interleave(torch.tensor(list(counts)))
+        zca = getattr(real, "zca_settings", None)
+        return SyntheticSet(torch.cat(parts), labels, real.mean, real.std, real.num_classes,
+                            method="random", dataset=real.dataset_name, ipc=max(counts),
+                            meta={"zca": zca} if zca is not None else {})
     images = real.sample_per_class(ipc, generator)
     labels = torch.arange(real.num_classes).repeat_interleave(ipc)
     zca = getattr(real, "zca_settings", None)
@@ -689,6 +701,10 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
             raise ValueError(f"the synthetic set was distilled from {one.dataset}, "
                              f"not {real.dataset_name}")
         check_zca(one, real)
+    # a DQ fraction set keeps round(F x len(bin)) images of each class: its baseline draws as
+    # many of each class (an explicit ipc draws ipc of every class instead)
+    counts = None if ipc or first is None else (first.meta.get("dq") or {}).get("class_counts")
+    counts = list(counts) if counts and len(set(counts)) > 1 else None
     ipc = ipc or (first.ipc if first is not None else 0)
     if baseline and ipc < 1:
         raise ValueError("the random-real baseline needs ipc >= 1")
@@ -722,7 +738,8 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
     for group in _stacks(jobs, mine, stack if protocol in STACK_PROTOCOLS else 1):
         arch, name, syn, k, _ = jobs[group[0]]
         net_seeds = [seed + jobs[j][4] + 1000 * k for j in group]
-        datas = [syn if syn is not None else random_real_set(real, ipc, seed=seed + 7919 * jobs[j][4])
+        datas = [syn if syn is not None else random_real_set(real, ipc, seed=seed + 7919 * jobs[j][4],
+                                                             counts=counts)
                  for j in group]
         if len(group) > 1:  # the standard protocol, several networks at once
             accs = train_and_test_stacked(
@@ -766,6 +783,8 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
     settings = {"archs": list(archs), "runs": runs, "epochs": arch_epochs, "dsa": dsa, "ipc": ipc,
                 "dataset": real.dataset_name, "precision": precision, "protocol": protocol,
                 "sets": len(many), "dc_augment": augments, "batch_size": batch_size}
+    if counts is not None and baseline:
+        settings["baseline_counts"] = counts
     if protocol == "glad":
         settings.update(lr=arch_lrs, ema=GLAD_EMA_BETA, protocol_note=(
             f"{runs} x GLaD protocol (E epochs, linear warm-up over E // 2 then cosine, "

@@ -152,3 +152,30 @@ def test_evaluate_command_stacks_networks_with_the_same_results(tiny: MNIST, tmp
     assert reports[0] == reports[1]
     assert main(["evaluate", "--distilled", str(path), "--data_dir", str(tiny.data_dir),
                  "--stack", "-1"]) == 2
+
+
+def test_a_dq_fraction_sets_baseline_draws_its_class_counts(tiny: MNIST, monkeypatch) -> None:
+    """A DQ set of unequal classes (``meta.dq.class_counts``) is compared with random real
+    images in the same counts per class, not with its largest count from every class."""
+    import dataclasses
+
+    import ld3m.evaluation as evaluation
+
+    counts = [2, 1, 3, 1, 2, 1, 1, 2, 1, 1]
+    picked = random_real_set(tiny, 1, seed=3, counts=counts)
+    assert torch.bincount(picked.labels, minlength=10).tolist() == counts
+    assert picked.ipc == 3 and len(picked.images) == sum(counts)
+    dq = dataclasses.replace(picked, method="DQ", meta={"dq": {"class_counts": counts}})
+    seen = []
+
+    def fake_train_and_test(data, real, arch, **kwargs):
+        seen.append((data.method, torch.bincount(data.labels, minlength=10).tolist()))
+        return 0.5
+
+    monkeypatch.setattr(evaluation, "train_and_test", fake_train_and_test)
+    report = evaluate(dq, tiny, runs=2, epochs=1, dsa="none", progress=False)
+    assert [c for method, c in seen if method == "random"] == [counts, counts]
+    assert report.settings["baseline_counts"] == counts
+    seen.clear()
+    evaluate(dq, tiny, runs=1, epochs=1, dsa="none", progress=False, ipc=2)  # explicit: 2 each
+    assert [c for method, c in seen if method == "random"] == [[2] * 10]
