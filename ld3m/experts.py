@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ld3m.augment import DEFAULT_STRATEGY
 from ld3m.datamodules.real import RealDataModule
 from ld3m.evaluation import Classifier
+from ld3m.fast import CompiledForward
 from ld3m.gsam import GSAM
 from ld3m.networks import conv_backend, get_network
 from ld3m.trajectories import (
@@ -96,12 +97,16 @@ class Expert(Classifier):
         alpha: GSAM's surrogate-gap weight.
         momentum: SGD momentum (MTT's and DATM's ``--mom``, 0 in their commands).
         weight_decay: SGD weight decay (their ``--l2``, 0 by default).
+        compile: Run the training forward through ``torch.compile``
+            (:class:`ld3m.fast.CompiledForward`; its backward is compiled with it), falling back
+            to eager with a warning where compiling fails. The first minibatches compile (one
+            graph per batch shape); the trajectories equal the eager ones to float tolerance.
     """
 
     def __init__(self, network: str, channels: int, num_classes: int, image_size: int,
                  lr_teacher: float = 0.01, dsa: str = DEFAULT_STRATEGY, seed: int = 0,
                  optimizer: str = "sgd", rho: float = 0.01, alpha: float = 0.3,
-                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+                 momentum: float = 0.0, weight_decay: float = 0.0, compile: bool = False) -> None:
         if not lr_teacher > 0:
             raise ValueError(f"lr_teacher must be positive, got {lr_teacher}")
         optimizer_settings(optimizer, rho, alpha, momentum, weight_decay)  # validates
@@ -110,6 +115,9 @@ class Expert(Classifier):
         self.optimizer_name, self.rho, self.alpha = optimizer, float(rho), float(alpha)
         # GSAM's two forward/backward passes per step: the step is written out (manual)
         self.automatic_optimization = optimizer == "sgd"
+        #: The compiled training forward, or ``None`` (eager). Not a submodule: no state; one
+        #: instance may be shared by successive experts (they then compile once in all).
+        self.fast: CompiledForward | None = CompiledForward("forward") if compile else None
         #: Flat parameters at initialisation and after every finished epoch (CPU).
         self.snapshots: list[torch.Tensor] = [flatten_parameters(self.net)]
 
@@ -119,17 +127,25 @@ class Expert(Classifier):
             raise ValueError(f"GSAM experts do not train in {precision} precision (the gradient "
                              "scaler steps without GSAM's closure); use 32-true or bf16-mixed")
 
+    def train_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward ``net(x)``, compiled with ``compile``."""
+        return self.net(x) if self.fast is None else self.fast(self.net, x)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if self.automatic_optimization:
+        if self.automatic_optimization and self.fast is None:
             return super().training_step(batch, batch_idx)
         x, y = batch
         if self.dsa is not None:  # one draw per minibatch: both GSAM passes see the same images
             x = self.dsa(x, generator=self._generator)
+        if self.automatic_optimization:  # the Classifier's step (hard labels, DSA or none)
+            loss = F.cross_entropy(self.train_logits(x).float(), y)
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
         optimizer = self.optimizers()
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = F.cross_entropy(self.net(x).float(), y)
+            loss = F.cross_entropy(self.train_logits(x).float(), y)
             self.manual_backward(loss)
             return loss.detach()
 
@@ -199,7 +215,8 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
                   dsa: str = DEFAULT_STRATEGY, logits: bool = False, seed: int = 0,
                   trainer_kwargs: dict | None = None, rank: int = 0, world_size: int = 1,
                   optimizer: str = "sgd", rho: float = 0.01, alpha: float = 0.3,
-                  momentum: float = 0.0, weight_decay: float = 0.0) -> TrajectoryBuffer | None:
+                  momentum: float = 0.0, weight_decay: float = 0.0,
+                  compile: bool = False) -> TrajectoryBuffer | None:
     """Train ``experts`` experts (skipping those already in ``folder``) and return the buffer.
 
     With ``world_size > 1`` this process trains only the experts ``i`` with
@@ -226,6 +243,8 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
         alpha: GSAM's surrogate-gap weight (DATM: 0.3).
         momentum: SGD momentum (MTT's and DATM's ``--mom``: 0).
         weight_decay: SGD weight decay (their ``--l2``: 0).
+        compile: Compile the experts' training forward (:class:`ld3m.fast.CompiledForward`,
+            one compiled function shared by all experts: compiled once per batch shape).
 
     Raises:
         ValueError: on bad arguments, or if ``folder`` already holds experts of another setting.
@@ -261,6 +280,7 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
                              "use another folder")
     train_set = data.train_split.dataset(data)
     partial = folder / PARTIAL
+    fast = CompiledForward("forward") if compile else None
     for index in range(experts):
         path = folder / shard_name(index)
         if path.exists() or index % world_size != rank:
@@ -269,6 +289,7 @@ def train_experts(data: RealDataModule, folder: str | Path, experts: int = 100, 
         model = Expert(network, c, data.num_classes, h, lr_teacher=lr_teacher, dsa=dsa,
                        seed=expert_seed, optimizer=optimizer, rho=rho, alpha=alpha,
                        momentum=momentum, weight_decay=weight_decay)
+        model.fast = fast  # None, or the one compiled forward of every expert
         loader = DataLoader(train_set, batch_size=batch_size,
                             sampler=EpochShuffle(len(train_set), expert_seed + 2))
         settings = {**info, "expert": index, "seed": expert_seed}
