@@ -60,13 +60,15 @@ class PeriodicEvaluation(L.Callback):
             (``torch.func.vmap``; the same accuracies as one by one; for GPUs, where one small
             network leaves the device idle; slower on CPUs); 0: one at a time. The standard
             protocol, networks without BatchNorm only (see ``ld3m.stacked``).
+        compile: Compile the evaluation networks' training forward (``torch.compile``: at each
+            evaluation, once per architecture and batch shape; eager where compiling fails).
     """
 
     def __init__(self, every_n_steps: int = 0, at_end: bool = True, archs: list[str] | str = "ConvNet",
                  runs: int = 3, epochs: int = 300, dsa: str = "auto", baseline: bool = True,
                  precision: str | None = None, seed: int = 0, dc_augment: str = "none",
                  batch_size: int = 256, keep_best: bool = False, protocol: str = "auto",
-                 stack: int = 0) -> None:
+                 stack: int = 0, compile: bool = False) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if batch_size < 1:
@@ -91,6 +93,7 @@ class PeriodicEvaluation(L.Callback):
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         self.protocol = protocol
         self.stack = stack
+        self.compile = compile
         #: ``{"step", "arch", "mean", "std"}`` of the best evaluation so far (``keep_best``)
         self.best: dict[str, Any] | None = None
         self.last_report: EvalReport | None = None
@@ -107,7 +110,7 @@ class PeriodicEvaluation(L.Callback):
                           dc_augment=self.dc_augment, batch_size=self.batch_size,
                           device=pl_module.device, rank=trainer.global_rank,
                           world_size=trainer.world_size, protocol=self.protocol,
-                          stack=self.stack)
+                          stack=self.stack, compile=self.compile)
         self.last_report = report
         step = trainer.global_step
         name = f"{pl_module.method_name} (IPC {pl_module.ipc})"

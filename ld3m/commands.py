@@ -32,7 +32,7 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
              lr: float | None = None, dsa: str = "auto", dc_augment: str = "none",
              baseline: bool = True, seed: int = 0, accelerator: str = "auto",
              precision: str | None = None, protocol: str = "auto", batch_size: int = 256,
-             stack: int = 0, output: str | None = None) -> EvalReport:
+             stack: int = 0, compile: bool = False, output: str | None = None) -> EvalReport:
     """Train fresh networks on a distilled set and report their real test accuracy. Random
     real images of the same IPC are trained the same way beside it (the baseline).
 
@@ -70,6 +70,9 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
             (``torch.func.vmap``: the same accuracies as one by one, for GPUs, where one small
             network leaves the device idle; slower on CPUs); 0: one at a time. The standard
             protocol and networks without BatchNorm only.
+        compile: Compile the networks' training forward (``torch.compile``, one compiled
+            function per architecture; the first batches compile, tens of seconds on a CPU;
+            eager where compiling fails). Not with ``--stack``.
         output: Also write the report as JSON to this file.
     """
     paths = [p.strip() for p in distilled.split(",")] if isinstance(distilled, str) else distilled
@@ -104,7 +107,7 @@ def evaluate(distilled: list[str] | str, data_dir: str | None = None,
                             epochs=epochs, lr=lr, dsa=dsa, baseline=baseline, seed=seed,
                             accelerator=accelerator, precision=precision, protocol=protocol,
                             progress=False, dc_augment=dc_augment, batch_size=batch_size,
-                            stack=stack)
+                            stack=stack, compile=compile)
     print(report.table())
     if output:
         with atomic_write(output) as tmp:
@@ -118,7 +121,8 @@ def buffer(data: RealDataModule, folder: str | None = None, experts: int = 100, 
            precision: str | None = None, limit_train_batches: int | float | None = None,
            progress_bar: bool = True, rank: int | None = None,
            world_size: int | None = None, optimizer: str = "sgd", rho: float = 0.01,
-           alpha: float = 0.3, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+           alpha: float = 0.3, momentum: float = 0.0, weight_decay: float = 0.0,
+           compile: bool = False) -> None:
     """Train expert networks on real data and record their parameters after every epoch
     (MTT/DATM's buffer). Experts already in the folder are kept, and an interrupted expert
     resumes from its last finished epoch: rerun the same command. ``--optimizer gsam`` trains
@@ -151,6 +155,9 @@ def buffer(data: RealDataModule, folder: str | None = None, experts: int = 100, 
         alpha: GSAM's surrogate-gap weight (DATM's ``--alpha``: 0.3).
         momentum: SGD momentum (MTT's and DATM's ``--mom``: 0).
         weight_decay: SGD weight decay (their ``--l2``: 0).
+        compile: Compile the experts' training forward (``torch.compile``, one compiled
+            function for every expert; the first batches compile, tens of seconds on a CPU; eager
+            where compiling fails).
     """
     from ld3m.experts import train_experts
 
@@ -168,7 +175,7 @@ def buffer(data: RealDataModule, folder: str | None = None, experts: int = 100, 
                            lr_teacher=lr_teacher, batch_size=batch_size, dsa=dsa, logits=logits,
                            seed=seed, trainer_kwargs=trainer_kwargs, rank=rank,
                            world_size=world_size, optimizer=optimizer, rho=rho, alpha=alpha,
-                           momentum=momentum, weight_decay=weight_decay)
+                           momentum=momentum, weight_decay=weight_decay, compile=compile)
     if result is None:
         log.info("rank %d of %d: its experts are in %s", rank, world_size, folder)
     else:

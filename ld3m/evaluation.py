@@ -49,6 +49,7 @@ from ld3m.augment import DEFAULT_STRATEGY as DEFAULT_DSA
 from ld3m.augment import DSA, DCAugment
 from ld3m.datamodules.distilled import DistilledDataModule
 from ld3m.datamodules.real import ZCA_INPUT, RealDataModule, describe_zca, zca_flags
+from ld3m.fast import CompiledForward
 from ld3m.networks import conv_backend, get_network, reset_parameters, xavier_init
 from ld3m.stacked import STACK_PROTOCOLS, StackedClassifier, stackable
 from ld3m.synthetic import SyntheticSet
@@ -87,6 +88,10 @@ class Classifier(L.LightningModule):
         seed: Seed of the network initialisation and the augmentation draws.
         dc_augment: DC's own augmentation (:class:`ld3m.augment.DCAugment`) of every training
             batch when ``dsa`` is off, e.g. ``crop_scale_rotate``; ``"none"`` disables it.
+
+    The training forward runs through :attr:`fast` when it is set (a
+    :class:`ld3m.fast.CompiledForward`, which :func:`evaluate` with ``compile=True`` shares
+    between the networks it trains, so they compile once in all); the test forward is eager.
     """
 
     #: Whether the lr drops (with a new optimiser) after epoch ``E // 2 + 1``.
@@ -110,6 +115,8 @@ class Classifier(L.LightningModule):
         # no sync: under DDP each rank trains its own networks, and a metric syncing on the
         # world group would pair with the other ranks' collectives (a hang)
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro", sync_on_compute=False)
+        #: The compiled training forward (``None``: eager); not a submodule, no state.
+        self.fast: CompiledForward | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -120,7 +127,7 @@ class Classifier(L.LightningModule):
             x = self.dsa(x, generator=self._generator)
         elif self.dc_augment is not None and self.dc_augment.enabled:
             x = self.dc_augment(x, generator=self._generator)
-        logits = self.net(x)
+        logits = self.net(x) if self.fast is None else self.fast(self.net, x)
         if y.is_floating_point():  # soft labels (logits)
             loss = torch.sum(-F.softmax(y, dim=1) * F.log_softmax(logits.float(), dim=1), dim=1).mean()
         else:
@@ -451,9 +458,10 @@ def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "C
                    epochs: int = 1000, lr: float | None = None, dsa: str = DEFAULT_DSA,
                    batch_size: int = 256, seed: int = 0, accelerator: str = "auto",
                    precision: str | None = None, device: str | torch.device | None = None,
-                   dc_augment: str = "none", protocol: str = "standard") -> float:
+                   dc_augment: str = "none", protocol: str = "standard",
+                   fast: CompiledForward | None = None) -> float:
     """Train one fresh ``arch`` on ``synthetic`` with the protocol and return its real test
-    accuracy (0-1). ``standard``: ``E = epochs``, so ``epochs + 1`` epochs, lr default the set's
+    accuracy (0-1) (``fast``: a compiled training forward, see :class:`Classifier`). ``standard``: ``E = epochs``, so ``epochs + 1`` epochs, lr default the set's
     learned lr, else 0.01; ``glad``: exactly ``epochs`` epochs, warm-up then cosine, the EMA
     tested, lr default :func:`glad_arch_lr` (see :class:`GladClassifier`)."""
     if protocol not in ("standard", "glad"):
@@ -469,6 +477,7 @@ def train_and_test(synthetic: SyntheticSet, real: RealDataModule, arch: str = "C
             lr = float(synthetic.lr.reshape(-1)[-1]) if synthetic.lr is not None else 0.01
         model = Classifier(arch, c, synthetic.num_classes, h, lr=lr, epochs=epochs, dsa=dsa,
                            seed=seed, dc_augment=dc_augment)
+    model.fast = fast
     data = DistilledDataModule(synthetic, batch_size=batch_size, real=real, seed=seed + 2)
     with _quiet_lightning(), _seeded(seed + 3):
         trainer = _evaluation_trainer(model.training_epochs, accelerator, device, precision)
@@ -619,7 +628,7 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
              accelerator: str = "auto", precision: str | None = None,
              protocol: str = "auto", progress: bool = True, device: str | torch.device | None = None,
              rank: int = 0, world_size: int = 1, dc_augment: str = "none",
-             batch_size: int = 256, stack: int = 0) -> EvalReport:
+             batch_size: int = 256, stack: int = 0, compile: bool = False) -> EvalReport:
     """Evaluate a synthetic set (or several) and the random-real baseline over fresh networks.
 
     Args:
@@ -668,6 +677,10 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
             rounding. The standard protocol only (``glad`` and ``dd`` always train one network
             at a time), and not for BatchNorm networks (see :mod:`ld3m.stacked`). Ranks stack
             the networks they own (network ``j`` still trains on rank ``j % world_size``).
+        compile: Run the networks' training forward through ``torch.compile``
+            (:class:`ld3m.fast.CompiledForward`, one per architecture shared by its networks:
+            compiled once per batch shape, tens of seconds on a CPU; eager where compiling
+            fails); the standard and glad protocols, one network at a time (not with ``stack``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -735,6 +748,7 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
     bar = tqdm(total=len(mine), desc=f"evaluation{where}", unit="network", disable=not progress,
                leave=False)
     accuracies: dict[int, float] = {}
+    fast = {arch: CompiledForward("forward") for arch in archs} if compile else {}
     for group in _stacks(jobs, mine, stack if protocol in STACK_PROTOCOLS else 1):
         arch, name, syn, k, _ = jobs[group[0]]
         net_seeds = [seed + jobs[j][4] + 1000 * k for j in group]
@@ -757,13 +771,13 @@ def evaluate(synthetic: SyntheticSet | list[SyntheticSet] | None, real: RealData
                                    lr=arch_lrs[arch], dsa=dsa, seed=net_seeds[0],
                                    accelerator=accelerator, precision=precision, device=device,
                                    dc_augment=augments[arch], batch_size=batch_size,
-                                   protocol="glad")]
+                                   protocol="glad", fast=fast.get(arch))]
         else:
             accs = [train_and_test(datas[0], real, arch, epochs=arch_epochs[arch],
                                    lr=lr if syn is not None else 0.01, dsa=dsa,
                                    seed=net_seeds[0], accelerator=accelerator,
                                    precision=precision, device=device, dc_augment=augments[arch],
-                                   batch_size=batch_size)]
+                                   batch_size=batch_size, fast=fast.get(arch))]
         for j, acc in zip(group, accs, strict=True):
             run = jobs[j][4]
             accuracies[j] = acc

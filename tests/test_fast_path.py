@@ -206,3 +206,32 @@ def test_compiled_expert_steps_like_the_eager_one() -> None:
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
         moved = moved or not torch.equal(p, start)
     assert moved
+
+
+def test_evaluate_compiles_one_forward_per_architecture(monkeypatch, tmp_path) -> None:
+    """``evaluate(compile=True)`` (``ld3m evaluate --compile``) trains every network of an
+    architecture through one shared compiled forward (here torch.compile's ``aot_eager``
+    backend: the same graph machinery, no C++ compile), with the eager path's accuracies."""
+    from ld3m.datamodules import MNIST
+    from test_data import _write_tiny_mnist
+
+    import ld3m.evaluation as evaluation
+
+    made: list[CompiledForward] = []
+
+    class Recording(CompiledForward):
+        def __init__(self, method: str) -> None:
+            super().__init__(method, backend="aot_eager")
+            made.append(self)
+
+    monkeypatch.setattr(evaluation, "CompiledForward", Recording)
+    _write_tiny_mnist(tmp_path)
+    data = MNIST(data_dir=str(tmp_path))
+    data.setup("fit")
+    synthetic = evaluation.random_real_set(data, 1, seed=1)
+    kwargs = dict(archs=["ConvNetD1"], runs=2, epochs=1, dsa="none", progress=False)
+    eager = evaluation.evaluate(synthetic, data, **kwargs)
+    compiled = evaluation.evaluate(synthetic, data, compile=True, **kwargs)
+    assert len(made) == 1 and made[0].active and made[0].compiles >= 1
+    for a, b in zip(eager.results, compiled.results, strict=True):
+        assert a.accuracies == pytest.approx(b.accuracies, abs=1e-6)
