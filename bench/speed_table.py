@@ -3,8 +3,9 @@
 Fashion-MNIST, ConvNet-3, DSA, 256 real images per class (the authors' settings), on this CPU:
 
 * ``DM``: seconds per iteration (one image update: a fresh random network, the real and
-  synthetic embeddings, the backward and the SGD step) at IPC 1/10/50, ``eager`` (before) and
-  ``compiled`` (after: ``--model.compile true``, the compilation itself not counted);
+  synthetic embeddings, the backward and the SGD step) at IPC 1/10/50, ``reference`` (the
+  authors' per-class loop structure on this machine, ``bench/dm_speed.py``'s), ``eager``
+  (before) and ``compiled`` (after: ``--model.compile true``, the compilation not counted);
 * ``DC`` / ``DSA``: seconds per published iteration (``outer_loop`` image updates and
   ``outer_loop - 1`` inner blocks, as ``bench/gm_speed.py`` times them);
 * ``evaluation``: seconds per 100 training epochs of one evaluation network (ConvNet-3, DSA,
@@ -47,6 +48,11 @@ def _peak_gb() -> float:
 
 
 def dm_row(ipc: int, variant: str, iters: int, batch_per_class: int) -> dict:
+    if variant == "reference":  # the authors' loop structure on this machine (bench/dm_speed.py)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from dm_speed import one
+
+        return {"seconds": one(ipc, "fp32", "reference", iters, batch_per_class)["sec_per_iter"]}
     import torch
     from ld3m.datamodules import FashionMNIST
     from ld3m.modules import DM
@@ -220,7 +226,7 @@ def main() -> None:
         for ipc in args.ipc:
             if "dm" in args.rows:
                 specs += [{**common, "kind": "DM", "ipc": ipc, "variant": v}
-                          for v in ("eager", "compiled")]
+                          for v in ("reference", "eager", "compiled")]
             if "gm" in args.rows:
                 specs += [{**common, "kind": m, "ipc": ipc, "variant": "eager"} for m in ("DC", "DSA")]
             if "eval" in args.rows:
