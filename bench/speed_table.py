@@ -215,7 +215,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3, help="timed iterations (DM, DC/DSA)")
     parser.add_argument("--batch-per-class", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=20, help="evaluation epochs timed")
-    parser.add_argument("--stack", type=int, default=5, help="networks per stacked evaluation")
+    parser.add_argument("--stack", type=int, default=5,
+                        help="networks per stacked evaluation (0: no stacked rows)")
     parser.add_argument("--buffer-batches", type=int, default=20)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,7 +235,7 @@ def main() -> None:
             if "eval" in args.rows:
                 specs += [{**common, "kind": "evaluation", "ipc": ipc, "variant": v,
                            "epochs": args.epochs, "stack": args.stack}
-                          for v in ("sequential", "stacked")]
+                          for v in ("sequential", "stacked") if v == "sequential" or args.stack]
         if "buffer" in args.rows:
             specs.append({**common, "kind": "buffer", "ipc": 0, "variant": "eager",
                           "batches": args.buffer_batches})
