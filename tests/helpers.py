@@ -155,3 +155,63 @@ def check_datm_recipe(name: str, theirs: dict, bounds: dict, data: str, arch: st
     epochs = int(re.search(r"--epochs (\d+)", command).group(1))
     assert epochs == 100 and epochs >= theirs["max_start_epoch"] + theirs["expert_epochs"]
     return model, command
+
+
+# ---------------------------------------------------------------------------------- generators
+def generator_inputs(gen, labels: list[int], seed: int = 1):
+    """``(z, c, noise)`` of a LatentGenerator for ``labels``: encoded random images, the table
+    rows, a noise draw; ``z`` and ``c`` require grad."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z = gen.encode(torch.randn(len(labels), *gen.image_shape, generator=g))
+    c = gen.class_embedding(labels)
+    return z.requires_grad_(), c.requires_grad_(), gen.draw_noise(len(labels), g)
+
+
+def check_skip_then_ddim(gen, labels: list[int], eps) -> None:
+    """T = 2: the skip weights are (1, 0), so the first step's x0 is ``z`` itself and the second
+    is diffusers' DDIM step; ``eps(gen, x, t, labels)`` is the denoiser's own prediction."""
+    import math
+
+    from diffusers import DDIMScheduler
+
+    z, c, noise = generator_inputs(gen, labels)
+    labels = torch.tensor(labels)
+    t_first, t_last = gen.timesteps(2)
+    with torch.no_grad():
+        ours = gen.sample(z, c, 2, noise=noise)
+        scheduler = DDIMScheduler.from_config(gen.scheduler.config)
+        scheduler.set_timesteps(2)
+        a_first, a_last = (float(gen.scheduler.alphas_cumprod[t]) for t in (t_first, t_last))
+        x = math.sqrt(a_first) * z + math.sqrt(1 - a_first) * noise
+        e = eps(gen, x, torch.tensor(t_first), labels)
+        x = math.sqrt(a_last) * z + math.sqrt(1 - a_last) * e  # x0 = z (weight 1)
+        e = eps(gen, x, torch.tensor(t_last), labels)
+        x = scheduler.step(e, t_last, x, eta=0.0).prev_sample  # weight 0: plain DDIM
+        no_skip = gen.sample(z, c, 2, skip=False, noise=noise)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(no_skip, ours)
+
+
+def check_render_deterministic_with_gradients(gen, labels: list[int], steps: int, chunk: int,
+                                              shape: tuple[int, ...]) -> None:
+    """A render is a function of ``(z, c, noise)`` (another noise: other images), gradients
+    reach ``z`` and ``c`` and not the frozen generator, and the chunked backward gives them."""
+    z, c, noise = generator_inputs(gen, labels)
+    with torch.no_grad():
+        first = gen.render(z, c, steps, guidance=2.0, noise=noise)
+        again = gen.render(z, c, steps, guidance=2.0, noise=noise.clone())
+        other = gen.render(z, c, steps, guidance=2.0, noise=torch.randn_like(noise))
+    assert first.shape == shape
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(first, other)
+    images = gen.render(z, c, steps, guidance=2.0, noise=noise)
+    torch.testing.assert_close(images.detach(), first)
+    images.square().sum().backward()
+    assert z.grad is not None and c.grad is not None
+    assert z.grad.abs().sum() > 0 and c.grad.abs().sum() > 0
+    assert all(p.grad is None for p in gen.parameters())
+    z2, c2 = z.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
+    gen.backward_in_chunks(z2, c2, 2 * first, steps, chunk, noise=noise, guidance=2.0)
+    for chunked, full in ((z2.grad, z.grad), (c2.grad, c.grad)):
+        torch.testing.assert_close(chunked, full, rtol=1e-3, atol=1e-4 * float(full.abs().max()))

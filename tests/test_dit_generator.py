@@ -23,6 +23,11 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
 )
+from helpers import (
+    check_render_deterministic_with_gradients,
+    check_skip_then_ddim,
+    generator_inputs,
+)
 from PIL import Image
 
 from ld3m.cli import main
@@ -65,13 +70,6 @@ def dit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gen(dit_dir: Path) -> LatentGenerator:
     return LatentGenerator.from_pretrained(dit_dir)
 
-
-def inputs(gen: LatentGenerator, labels: list[int], seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        z = gen.encode(torch.randn(len(labels), *gen.image_shape, generator=g))
-    c = gen.class_embedding(labels)
-    return z.requires_grad_(), c.requires_grad_(), gen.draw_noise(len(labels), g)
 
 
 def _eps(gen: LatentGenerator, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -191,7 +189,7 @@ def test_guidance_uses_the_null_row(tmp_path: Path) -> None:
     """A 3-class DiT: the null class is num_embeds_ada_norm = 3, the table's last row."""
     gen = LatentGenerator.from_pretrained(write_dit_folder(tmp_path / "dit3", num_classes=3))
     assert gen.null_class == 3 and gen.class_table.num_embeddings == 4
-    z, c, noise = inputs(gen, [0, 2])
+    z, c, noise = generator_inputs(gen, [0, 2])
     x = math.sqrt(float(gen.scheduler.alphas_cumprod[gen.timesteps(1)[0]])) * z.detach()
     t = torch.tensor(gen.timesteps(1)[0])
     with torch.no_grad():
@@ -206,44 +204,11 @@ def test_guidance_uses_the_null_row(tmp_path: Path) -> None:
 def test_the_skip_is_applied_as_for_the_unet(gen: LatentGenerator) -> None:
     """T = 2: the skip weights are (1, 0), so the first step's x0 is z itself and the second is
     diffusers' DDIM step."""
-    z, c, noise = inputs(gen, [1, 2])
-    labels = torch.tensor([1, 2])
-    t_first, t_last = gen.timesteps(2)
-    with torch.no_grad():
-        ours = gen.sample(z, c, 2, noise=noise)
-        scheduler = DDIMScheduler.from_config(gen.scheduler.config)
-        scheduler.set_timesteps(2)
-        a_first, a_last = (float(gen.scheduler.alphas_cumprod[t]) for t in (t_first, t_last))
-        x = math.sqrt(a_first) * z + math.sqrt(1 - a_first) * noise
-        eps = _eps(gen, x, torch.tensor(t_first), labels)
-        x = math.sqrt(a_last) * z + math.sqrt(1 - a_last) * eps  # x0 = z (weight 1)
-        eps = _eps(gen, x, torch.tensor(t_last), labels)
-        x = scheduler.step(eps, t_last, x, eta=0.0).prev_sample  # weight 0: plain DDIM
-        no_skip = gen.sample(z, c, 2, skip=False, noise=noise)
-    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(no_skip, ours)
+    check_skip_then_ddim(gen, [1, 2], _eps)
 
 
 def test_deterministic_in_z_c_noise_and_gradients_reach_z_and_c(gen: LatentGenerator) -> None:
-    z, c, noise = inputs(gen, [4, 5, 6])
-    with torch.no_grad():
-        first = gen.render(z, c, 3, guidance=2.0, noise=noise)
-        again = gen.render(z, c, 3, guidance=2.0, noise=noise.clone())
-        other = gen.render(z, c, 3, guidance=2.0, noise=torch.randn_like(noise))
-    assert first.shape == (3, 3, 8, 8)
-    torch.testing.assert_close(first, again, rtol=0, atol=0)
-    assert not torch.allclose(first, other)
-    images = gen.render(z, c, 3, guidance=2.0, noise=noise)
-    torch.testing.assert_close(images.detach(), first)
-    images.square().sum().backward()
-    assert z.grad is not None and c.grad is not None
-    assert z.grad.abs().sum() > 0 and c.grad.abs().sum() > 0
-    assert all(p.grad is None for p in gen.parameters())
-    # the chunked backward gives the same gradients
-    z2, c2 = z.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
-    gen.backward_in_chunks(z2, c2, 2 * first, 3, 2, noise=noise, guidance=2.0)
-    for chunked, full in ((z2.grad, z.grad), (c2.grad, c.grad)):
-        torch.testing.assert_close(chunked, full, rtol=1e-3, atol=1e-4 * float(full.abs().max()))
+    check_render_deterministic_with_gradients(gen, [4, 5, 6], 3, 2, (3, 3, 8, 8))
 
 
 def test_encode_decode_apply_the_vae_scaling_factor(gen: LatentGenerator) -> None:
@@ -269,7 +234,7 @@ def test_save_and_load_round_trip_in_the_dit_layout(gen: LatentGenerator, tmp_pa
     for (name, ours), theirs in zip(gen.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(ours, theirs), name
     assert DiTPipeline.from_pretrained(folder).transformer.config.num_embeds_ada_norm == NUM_CLASSES
-    z, c, noise = inputs(gen, [9])
+    z, c, noise = generator_inputs(gen, [9])
     with torch.no_grad():
         torch.testing.assert_close(loaded.render(z, c, 2, noise=noise), gen.render(z, c, 2, noise=noise))
 

@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
-from helpers import error_line
+from helpers import (
+    check_render_deterministic_with_gradients,
+    check_skip_then_ddim,
+    error_line,
+    generator_inputs,
+)
 from safetensors.torch import load_file
 
 from ld3m.cli import main
@@ -410,13 +415,6 @@ def state(original: tuple[Path, Path]) -> dict[str, torch.Tensor]:
     return torch.load(original[0], weights_only=True)["state_dict"]
 
 
-def inputs(gen: LatentGenerator, labels: list[int], seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        z = gen.encode(torch.randn(len(labels), *gen.image_shape, generator=g))
-    c = gen.class_embedding(labels)
-    return z.requires_grad_(), c.requires_grad_(), gen.draw_noise(len(labels), g)
-
 
 def _eps(gen: LatentGenerator, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The UNet's prediction with the table rows of ``labels`` as one context token each."""
@@ -518,26 +516,11 @@ def test_the_scheduler_is_ldms_schedule(gen: LatentGenerator, converted: Path) -
 def test_the_skip_is_applied_and_the_render_is_ddim(gen: LatentGenerator) -> None:
     """T = 2: the skip weights are (1, 0), so the first step's x0 is z itself and the second is
     diffusers' DDIM step, with the class row as the cross-attention context."""
-    z, c, noise = inputs(gen, [1, 2])
-    labels = torch.tensor([1, 2])
-    t_first, t_last = gen.timesteps(2)
-    with torch.no_grad():
-        ours = gen.sample(z, c, 2, noise=noise)
-        scheduler = DDIMScheduler.from_config(gen.scheduler.config)
-        scheduler.set_timesteps(2)
-        a_first, a_last = (float(gen.scheduler.alphas_cumprod[t]) for t in (t_first, t_last))
-        x = math.sqrt(a_first) * z + math.sqrt(1 - a_first) * noise
-        eps = _eps(gen, x, torch.tensor(t_first), labels)
-        x = math.sqrt(a_last) * z + math.sqrt(1 - a_last) * eps  # x0 = z (weight 1)
-        eps = _eps(gen, x, torch.tensor(t_last), labels)
-        x = scheduler.step(eps, t_last, x, eta=0.0).prev_sample  # weight 0: plain DDIM
-        no_skip = gen.sample(z, c, 2, skip=False, noise=noise)
-    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(no_skip, ours)
+    check_skip_then_ddim(gen, [1, 2], _eps)
 
 
 def test_guidance_uses_the_null_row(gen: LatentGenerator) -> None:
-    z, c, _ = inputs(gen, [0, 3])
+    z, c, _ = generator_inputs(gen, [0, 3])
     t = torch.tensor(gen.timesteps(1)[0])
     x = math.sqrt(float(gen.scheduler.alphas_cumprod[t])) * z.detach()
     with torch.no_grad():
@@ -550,24 +533,7 @@ def test_guidance_uses_the_null_row(gen: LatentGenerator) -> None:
 
 
 def test_deterministic_in_z_c_noise_and_gradients_reach_z_and_c(gen: LatentGenerator) -> None:
-    z, c, noise = inputs(gen, [0, 2])
-    with torch.no_grad():
-        first = gen.render(z, c, 2, guidance=2.0, noise=noise)
-        again = gen.render(z, c, 2, guidance=2.0, noise=noise.clone())
-        other = gen.render(z, c, 2, guidance=2.0, noise=torch.randn_like(noise))
-    assert first.shape == (2, 3, 16, 16)
-    torch.testing.assert_close(first, again, rtol=0, atol=0)
-    assert not torch.allclose(first, other)
-    images = gen.render(z, c, 2, guidance=2.0, noise=noise)
-    torch.testing.assert_close(images.detach(), first)
-    images.square().sum().backward()
-    assert z.grad is not None and c.grad is not None
-    assert z.grad.abs().sum() > 0 and c.grad.abs().sum() > 0
-    assert all(p.grad is None for p in gen.parameters())
-    z2, c2 = z.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
-    gen.backward_in_chunks(z2, c2, 2 * first, 2, 1, noise=noise, guidance=2.0)
-    for chunked, full in ((z2.grad, z.grad), (c2.grad, c.grad)):
-        torch.testing.assert_close(chunked, full, rtol=1e-3, atol=1e-4 * float(full.abs().max()))
+    check_render_deterministic_with_gradients(gen, [0, 2], 2, 1, (2, 3, 16, 16))
 
 
 def test_save_and_load_round_trip(gen: LatentGenerator, tmp_path: Path) -> None:
