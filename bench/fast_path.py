@@ -24,7 +24,6 @@ MODES = {"eager": {}, "channels_last": {"channels_last": True}, "compiled": {"co
          "compiled+channels_last": {"compile": True, "channels_last": True}}
 
 
-
 def _real_batches(batch_per_class: int, seed: int = 0):
     """Class-balanced real batches ``(K, n, 1, 28, 28)`` and their source's name."""
     import torch
@@ -44,12 +43,12 @@ def _real_batches(batch_per_class: int, seed: int = 0):
     return data, iter(data.train_dataloader()), "Fashion-MNIST"
 
 
-def one(ipc: int, mode: str, iters: int, batch_per_class: int) -> dict:
+def one(ipc: int, mode: str, iters: int, batch_per_class: int, threads: int = 1) -> dict:
     """Time ``iters + 1`` DM iterations of one configuration in this process."""
     import torch
     from ld3m.modules import DM
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     data, stream, source = _real_batches(batch_per_class)
     model = DM(ipc=ipc, num_classes=10, image_shape=(1, 28, 28), **MODES[mode])

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,34 +47,19 @@ def _peak_gb() -> float:
 
 
 def dm_row(ipc: int, variant: str, iters: int, batch_per_class: int) -> dict:
-    if variant == "reference":  # the authors' loop structure on this machine (bench/dm_speed.py)
-        sys.path.insert(0, str(Path(__file__).parent))
+    """``reference``: the authors' loop structure (``bench/dm_speed.py``); ``eager`` and
+    ``compiled``: ``ld3m.modules.DM`` (``bench/fast_path.py``), at this process's threads."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    if variant == "reference":
         from dm_speed import one
 
         return {"seconds": one(ipc, "fp32", "reference", iters, batch_per_class)["sec_per_iter"]}
-    import torch
-    from ld3m.datamodules import FashionMNIST
-    from ld3m.modules import DM
+    from fast_path import one
 
-    dm = FashionMNIST(batch_per_class=batch_per_class)
-    dm.setup("fit")
-    model = DM(ipc=ipc, num_classes=dm.num_classes, image_shape=dm.image_shape,
-               compile=variant == "compiled")
-    model.mean, model.std = dm.mean, dm.std
-    model.initialise(dm)
-    optimizer = model.configure_optimizers()
-    stream = iter(dm.train_dataloader())
-    times = []
-    for step in range(iters + 1):  # the first compiles / warms up: not counted
-        real, _ = next(stream)
-        start = time.perf_counter()
-        loss = model.matching_loss(real, torch.Generator().manual_seed(step))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step:
-            times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times)}
+    row = one(ipc, variant, iters, batch_per_class, threads=torch.get_num_threads())
+    return {"seconds": row["sec_per_iter"]}
 
 
 def gm_row(method: str, ipc: int, iters: int, batch_per_class: int) -> dict:
